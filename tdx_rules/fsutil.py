@@ -1,0 +1,59 @@
+"""Small file helpers shared by every stage: atomic writes and streaming hashes."""
+
+import contextlib
+import hashlib
+import os
+import tempfile
+
+CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def atomic_output(path, mode="wb"):
+    """Open a temp file beside ``path``; rename it over ``path`` only on success.
+
+    An exception (or a killed process) never leaves a partial ``path`` behind.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path, data: bytes, mode=0o644):
+    """Atomically write ``data`` to ``path`` and set its permission bits."""
+    with atomic_output(path) as out:
+        out.write(data)
+    os.chmod(path, mode)
+
+
+def copy_file(src, dst, mode=None):
+    """Stream ``src`` to ``dst`` atomically; return the SHA-256 of the bytes copied."""
+    digest = hashlib.sha256()
+    with open(src, "rb") as inp, atomic_output(dst) as out:
+        for chunk in iter(lambda: inp.read(CHUNK), b""):
+            digest.update(chunk)
+            out.write(chunk)
+    if mode is not None:
+        os.chmod(dst, mode)
+    return digest.hexdigest()
+
+
+def sha256_file(path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
