@@ -1,0 +1,73 @@
+"""Real Debian packages for the tests, fetched once with `apt-get download`.
+
+Files land in ``.test-cache/`` at the top of the checkout (kept between runs,
+ignored by git), so a second test run needs no network at all.
+"""
+
+import fcntl
+import glob
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get("TDX_TEST_CACHE", os.path.join(ROOT, ".test-cache"))
+
+# The kernel with the TDX guest driver on Debian 12, and the package it depends on.
+KERNEL_META = "linux-image-6.12-amd64"
+
+
+def _locked(name):
+    os.makedirs(CACHE, exist_ok=True)
+    handle = open(os.path.join(CACHE, f".{name}.lock"), "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def package(name: str) -> str:
+    """Path of the newest candidate .deb of ``name`` (downloaded on first use)."""
+    with _locked("apt"):
+        version = subprocess.run(["apt-cache", "policy", name], capture_output=True, text=True, check=True).stdout
+        candidate = [line.split(":", 1)[1].strip() for line in version.splitlines() if "Candidate:" in line]
+        if not candidate or candidate[0] == "(none)":
+            raise RuntimeError(f"apt has no candidate for {name}: run apt-get update")
+        pattern = os.path.join(CACHE, "debs", f"{name}_*.deb")
+        quoted = candidate[0].split(":", 1)[-1]
+        for path in glob.glob(pattern):
+            if f"_{quoted}_" in path:
+                return path
+        os.makedirs(os.path.join(CACHE, "debs"), exist_ok=True)
+        subprocess.run(["apt-get", "download", "-q", f"{name}={candidate[0]}"], cwd=os.path.join(CACHE, "debs"),
+                       check=True, capture_output=True)
+        found = [p for p in glob.glob(pattern) if f"_{quoted}_" in p]
+        if not found:
+            raise RuntimeError(f"apt-get download {name} left no file")
+        return found[0]
+
+
+def kernel_package_name() -> str:
+    """The versioned kernel package the 6.12 meta-package depends on."""
+    out = subprocess.run(["apt-cache", "depends", KERNEL_META], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Depends: linux-image-6.12"):
+            return line.split()[1]
+    raise RuntimeError(f"cannot find the kernel package behind {KERNEL_META}")
+
+
+def kernel_tree() -> str:
+    """A directory with the Debian 6.12 kernel unpacked by dpkg-deb (boot/vmlinuz-*, lib/modules/<release>)."""
+    name = kernel_package_name()
+    target = os.path.join(CACHE, "trees", name)
+    with _locked("tree"):
+        if not os.path.isdir(target):
+            deb = package(name)
+            tmp = target + ".part"
+            subprocess.run(["rm", "-rf", tmp], check=True)
+            os.makedirs(tmp)
+            subprocess.run(["dpkg-deb", "-x", deb, tmp], check=True)
+            os.rename(tmp, target)
+    return target
+
+
+def kernel_release() -> str:
+    return os.listdir(os.path.join(kernel_tree(), "lib", "modules"))[0]
