@@ -1,0 +1,182 @@
+"""Source specs: one string format for every input the rules download or read.
+
+``file:PATH``, ``apt:PACKAGE[=VERSION]``, ``https://…#sha256=HEX``, and the
+named upstreams ``alpine:3.21.0``, ``ubuntu-kernel:6.8.0-55.57``,
+``canonical-ovmf:2024.02-3+tdx1.0`` that expand to the upstream addresses the
+reference builder uses. ``debian`` (minirootfs only) composes a minirootfs
+from Debian's busybox-static and musl.
+
+:func:`parse` is pure and runs when the SConstruct is read (so a bad spec
+fails before anything builds); :func:`materialize` runs inside a stage and
+returns verified local files.
+"""
+
+import dataclasses
+import os
+import re
+from typing import List, Optional
+
+from .errors import TdxError
+
+ALPINE_URL = "https://dl-cdn.alpinelinux.org/alpine/v{major}/releases/x86_64/alpine-minirootfs-{version}-x86_64.tar.gz"
+UBUNTU_ARCHIVE = "https://archive.ubuntu.com/ubuntu"
+UBUNTU_KERNEL_SUITES = ("noble", "noble-updates", "noble-security")
+UBUNTU_KERNEL_PACKAGES = ("linux-image-unsigned-{release}", "linux-modules-{release}", "linux-modules-extra-{release}")
+CANONICAL_OVMF_PPA = "https://ppa.launchpadcontent.net/kobuk-team/tdx-release/ubuntu"
+CANONICAL_OVMF_SUITE = "noble"
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_APT_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_VERSIONISH = re.compile(r"^[0-9A-Za-z.+~:-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A parsed spec. ``kind`` is one of file, apt, url, alpine, ubuntu-kernel, canonical-ovmf, debian."""
+
+    kind: str
+    text: str
+    path: Optional[str] = None
+    package: Optional[str] = None
+    version: Optional[str] = None
+    url: Optional[str] = None
+    sha256: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A verified local file and where it came from (for the manifest)."""
+
+    spec: str
+    path: str
+    sha256: str
+    origin: str
+
+
+def parse(text: str, what: str = "source") -> Spec:
+    """Parse a spec string; a bare path counts as ``file:``. Errors name ``what``."""
+    if not isinstance(text, str) or not text.strip():
+        raise TdxError(f"{what}: empty source spec")
+    text = text.strip()
+    kind, sep, rest = text.partition(":")
+    if text == "debian":
+        return Spec("debian", text)
+    if kind == "file" and sep:
+        if not rest:
+            raise TdxError(f"{what}: 'file:' needs a path")
+        return Spec("file", text, path=rest)
+    if kind == "apt" and sep:
+        package, _, version = rest.partition("=")
+        if not _APT_NAME.match(package) or (version and not _VERSIONISH.match(version)):
+            raise TdxError(f"{what}: {text!r} is not apt:PACKAGE[=VERSION]")
+        return Spec("apt", text, package=package, version=version or None)
+    if kind in ("https", "http") and sep:
+        url, _, fragment = text.partition("#")
+        sha = fragment[len("sha256="):].lower() if fragment.startswith("sha256=") else ""
+        if not _SHA256.match(sha):
+            raise TdxError(f"{what}: {text!r} has no checksum; append #sha256=<64 hex digits> so the download can be verified")
+        return Spec("url", text, url=url, sha256=sha)
+    if kind == "alpine" and sep:
+        if not re.match(r"^\d+\.\d+\.\d+$", rest):
+            raise TdxError(f"{what}: {text!r} is not alpine:MAJOR.MINOR.PATCH (e.g. alpine:3.21.0)")
+        major = rest.rsplit(".", 1)[0]
+        return Spec("alpine", text, version=rest, url=ALPINE_URL.format(major=major, version=rest))
+    if kind == "ubuntu-kernel" and sep:
+        if not re.match(r"^\d+\.\d+\.\d+-\d+\.\d+$", rest):
+            raise TdxError(f"{what}: {text!r} is not ubuntu-kernel:VERSION-ABI.UPLOAD (e.g. ubuntu-kernel:6.8.0-55.57)")
+        return Spec("ubuntu-kernel", text, version=rest)
+    if kind == "canonical-ovmf" and sep:
+        if not _VERSIONISH.match(rest):
+            raise TdxError(f"{what}: {text!r} is not canonical-ovmf:VERSION")
+        return Spec("canonical-ovmf", text, version=rest)
+    if "://" in text or (sep and kind.isalpha() and len(kind) > 1 and not os.path.exists(text)):
+        raise TdxError(f"{what}: unknown source spec {text!r}; use file:, apt:, https://…#sha256=, alpine:, "
+                       "ubuntu-kernel:, canonical-ovmf: or debian")
+    return Spec("file", "file:" + text, path=text)
+
+
+def alpine_spec(version: str, minor: str) -> str:
+    return f"alpine:{version}.{minor}"
+
+
+def ubuntu_kernel_spec(version: str, abi: str) -> str:
+    return f"ubuntu-kernel:{version}.{abi}"
+
+
+def canonical_ovmf_spec(version: str) -> str:
+    return f"canonical-ovmf:{version}"
+
+
+def ubuntu_kernel_debs(version: str):
+    """(package, version, url) of the three .debs of ``ubuntu-kernel:<version>``."""
+    base, upload = version.rsplit(".", 1)
+    release = f"{base}-generic"
+    full = f"{base}.{upload}"
+    return [(name.format(release=release), full,
+             f"{UBUNTU_ARCHIVE}/pool/main/l/linux/{name.format(release=release)}_{full}_amd64.deb")
+            for name in UBUNTU_KERNEL_PACKAGES]
+
+
+def canonical_ovmf_deb(version: str):
+    return ("ovmf", version, f"{CANONICAL_OVMF_PPA}/pool/main/e/edk2/ovmf_{version}_all.deb")
+
+
+@dataclasses.dataclass
+class Context:
+    """Where a stage puts downloads: the shared cache, an optional mirror, a log function."""
+
+    cache: str
+    mirror: Optional[str] = None
+    log: object = print
+
+
+def _index_sha256(ctx: Context, base: str, suites, package: str, version: str, what: str) -> str:
+    """SHA-256 of package=version from the suites' Packages indexes, as apt finds it."""
+    from . import fetch
+
+    for suite in suites:
+        for index_name in ("Packages.xz", "Packages.gz"):
+            url = f"{base}/dists/{suite}/main/binary-amd64/{index_name}"
+            try:
+                data = fetch.fetch_text(url, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+            except TdxError:
+                continue
+            found = fetch.packages_index_sha256(data, index_name, package, version)
+            if found:
+                return found
+            break
+    raise TdxError(f"{what}: {package} {version} is not listed in the Packages index of {base} "
+                   f"({', '.join(suites)}), so its checksum cannot be verified; pin it as https://…#sha256=HEX")
+
+
+def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved]:
+    """Fetch and verify the files of ``spec``; return them in a fixed order."""
+    from . import fetch
+    from .fsutil import sha256_file
+
+    if spec.kind == "file":
+        if not os.path.isfile(spec.path):
+            raise TdxError(f"{what}: {spec.path} does not exist or is not a file; fix the path in {spec.text!r}")
+        return [Resolved(spec.text, spec.path, sha256_file(spec.path), "file")]
+    if spec.kind == "apt":
+        path = fetch.apt_download(spec.package, spec.version, cache=ctx.cache, log=ctx.log)
+        return [Resolved(spec.text, path, sha256_file(path), "apt")]
+    if spec.kind == "url":
+        path = fetch.fetch(spec.url, spec.sha256, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+        return [Resolved(spec.text, path, spec.sha256, spec.url)]
+    if spec.kind == "alpine":
+        text = fetch.fetch_text(spec.url + ".sha256", cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+        sha = fetch.alpine_sha256(text.decode("utf-8", "replace"), spec.url.rsplit("/", 1)[1])
+        path = fetch.fetch(spec.url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+        return [Resolved(spec.text, path, sha, spec.url)]
+    if spec.kind == "ubuntu-kernel":
+        out = []
+        for package, version, url in ubuntu_kernel_debs(spec.version):
+            sha = _index_sha256(ctx, UBUNTU_ARCHIVE, UBUNTU_KERNEL_SUITES, package, version, what)
+            out.append(Resolved(spec.text, fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log), sha, url))
+        return out
+    if spec.kind == "canonical-ovmf":
+        package, version, url = canonical_ovmf_deb(spec.version)
+        sha = _index_sha256(ctx, CANONICAL_OVMF_PPA, (CANONICAL_OVMF_SUITE,), package, version, what)
+        return [Resolved(spec.text, fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log), sha, url)]
+    raise TdxError(f"{what}: a {spec.kind!r} spec cannot be used here")

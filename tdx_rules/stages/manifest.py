@@ -1,0 +1,47 @@
+"""Finalize: ``<name>-manifest.json``, every input (spec, file, sha256) and every output.
+
+Paths in the manifest are file names relative to the image directory; no
+build path of this machine appears in it.
+"""
+
+import argparse
+import json
+import os
+
+from ..fsutil import sha256_file
+from ._entry import load_config, run
+from .common import write_json
+
+
+def build_manifest(config: dict, infos, files, outputs, out: str) -> None:
+    inputs = {}
+    for info_path in infos:
+        stage = os.path.basename(info_path).split(".")[0]
+        with open(info_path, encoding="utf-8") as handle:
+            inputs[stage] = json.load(handle).get("inputs", [])
+    for label, path in files:
+        inputs.setdefault(label, []).append({"file": os.path.basename(path), "sha256": sha256_file(path)})
+    manifest = {
+        "name": config["name"],
+        "settings": config["settings"],
+        "inputs": inputs,
+        "outputs": [{"path": os.path.basename(p), "sha256": sha256_file(p), "size": os.path.getsize(p)}
+                    for p in sorted(outputs, key=os.path.basename)],
+    }
+    write_json(out, manifest)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.manifest")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--info", action="append", default=[], help="a stage's info JSON")
+    parser.add_argument("--file", action="append", default=[], help="LABEL=PATH of an input file")
+    parser.add_argument("--output", action="append", default=[])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    files = [tuple(item.split("=", 1)) for item in args.file]
+    build_manifest(load_config(args.config), args.info, files, args.output, args.out)
+
+
+if __name__ == "__main__":
+    run(main)

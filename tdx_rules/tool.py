@@ -1,0 +1,310 @@
+"""SCons glue: ``TdxStaticProgram``, the ``TdxImage`` rule, aliases and progress lines.
+
+Every stage runs as a command action ``python -m tdx_rules.stages.X`` whose
+signature is its command line (without the interpreter path), its config
+file, its input files and the source files of its own code. Options reach a
+stage only through its config file, which holds exactly the settings that
+stage reads (see :mod:`tdx_rules.settings`), so a changed option reruns
+exactly the stages that read it. Nothing is read from ``os.environ`` inside
+a stage: this module reads the environment when the SConstruct is read.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import SCons.Action
+import SCons.Builder
+import SCons.Defaults
+import SCons.Errors
+import SCons.Script
+
+from . import settings as settings_table
+from . import sources
+from .errors import ERROR_PREFIX, TdxError
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# The code each stage runs, besides _COMMON: a changed file reruns the stage.
+# tests/test_tool.py checks this against the modules' real imports.
+_COMMON = ("errors.py", "fsutil.py", "stages/_entry.py")
+_FETCHING = ("stages/common.py", "sources.py", "fetch.py", "debpkg.py")
+STAGE_CODE = {
+    "program": ("stages/program.py", "elf.py"),
+    "minirootfs": ("stages/minirootfs.py",) + _FETCHING,
+    "busybox": ("stages/busybox.py", "newc.py"),
+    "kernel": ("stages/kernel.py",) + _FETCHING,
+    "modules": ("stages/modules.py", "newc.py"),
+    "init": ("stages/init.py", "newc.py", "render.py", "templates/init.sh.j2", "templates/udhcpc.sh"),
+    "cpio": ("stages/cpio.py", "newc.py", "elf.py"),
+    "compress": ("stages/compress.py",),
+    "ovmf": ("stages/ovmf.py",) + _FETCHING,
+    "scripts": ("stages/scripts.py", "render.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
+    "manifest": ("stages/manifest.py", "stages/common.py"),
+}
+# The stages "finalize" stands for in the docs: compression, scripts, manifest.
+FINALIZE = ("compress", "scripts", "manifest")
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+class _StageAction(SCons.Action.CommandAction):
+    """A command action that lifts the stage's ``tdx-rules: error:`` line into the build error.
+
+    SCons then prints ``scons: *** [target] <message>`` instead of ``Error 1``.
+    """
+
+    def execute(self, target, source, env, executor=None):
+        messages = []
+
+        def spawn(shell, escape, cmd, args, ENV):
+            proc = subprocess.Popen([shell, "-c", " ".join(args)], env=ENV, stderr=subprocess.PIPE)
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace")
+                if line.startswith(ERROR_PREFIX):
+                    messages.append(line[len(ERROR_PREFIX):].strip())
+                else:
+                    sys.stderr.write(line)
+            return proc.wait()
+
+        result = super().execute(target, source, env.Override({"SPAWN": spawn}), executor)
+        if isinstance(result, SCons.Errors.BuildError) and messages:
+            result.errstr = messages[-1]
+        return result
+
+
+def _verbose(env) -> bool:
+    value = SCons.Script.ARGUMENTS.get("VERBOSE", os.environ.get("VERBOSE", env.get("TDX_VERBOSE", "")))
+    return str(value).lower() in _TRUE
+
+
+def _stage(env, stage: str, label: str, targets, sources_, command: str, scan_dirs=False):
+    """Declare one stage: a command action, its code as dependencies, its progress line.
+
+    ``scan_dirs``: a directory among the sources is scanned recursively, so an
+    edit to a nested file reruns the stage.
+    """
+    action = _StageAction(command, cmdstr=None if _verbose(env) else f"[tdx] {stage} {label}")
+    extra = {"source_scanner": SCons.Defaults.DirScanner} if scan_dirs else {}
+    nodes = env.Command(targets, sources_, action, **extra,
+                        ENV=dict(env["ENV"], PYTHONPATH=os.pathsep.join(
+                            p for p in (os.path.dirname(PACKAGE_DIR), env["ENV"].get("PYTHONPATH")) if p)),
+                        IMPLICIT_COMMAND_DEPENDENCIES=0)
+    code = [os.path.join(PACKAGE_DIR, name) for name in _COMMON + STAGE_CODE[stage]]
+    env.Depends(nodes, [env.File(path) for path in code])
+    return nodes
+
+
+def _python(module: str) -> str:
+    # The interpreter path is left out of the signature ($( $)) so that a shared
+    # CacheDir serves machines whose Python lives elsewhere.
+    return f"$( $TDX_PYTHON $) -m tdx_rules.stages.{module}"
+
+
+_CACHE_ARGS = '$( --cache "$TDX_CACHE" --mirror "$TDX_MIRROR" $)'
+
+
+def _write_config(target, source, env):
+    from .fsutil import write_bytes
+
+    write_bytes(str(target[0]), source[0].get_contents())
+    return 0
+
+
+_CONFIG = SCons.Builder.Builder(action=SCons.Action.Action(_write_config, strfunction=lambda *a, **k: None))
+
+
+def _config(env, work, stage: str, data: dict):
+    """A stage's config file: canonical JSON of exactly the settings it reads."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return env._TdxConfig(work.File(f"{stage}.config.json"), env.Value(text))[0]
+
+
+def _user_error(where: str, error: TdxError):
+    raise SCons.Errors.UserError(f"{where}: {error}")
+
+
+def _spec_inputs(env, spec_text: str, what: str):
+    """Parse a spec now (bad specs fail before building); file: specs become dependencies."""
+    try:
+        spec = sources.parse(spec_text, what)
+    except TdxError as error:
+        _user_error(what, error)
+    if spec.kind == "file":
+        node = env.File(spec.path)
+        return "file:" + str(node), [node]
+    return spec.text, []
+
+
+def tdx_static_program(env, target, source=None, **kw):
+    """Build a static x86-64 workload from C sources, a Cargo.toml, or a prebuilt binary."""
+    target = str(target)
+    srcs = env.Flatten([source])
+    if not srcs:
+        raise SCons.Errors.UserError(f"TdxStaticProgram('{target}'): no sources given")
+    first = str(srcs[0])
+    if os.path.basename(first) == "Cargo.toml":
+        crate = os.path.dirname(env.File(first).srcnode().abspath)
+        files = []
+        for root, dirs, names in os.walk(crate):
+            dirs[:] = sorted(d for d in dirs if d not in ("target", ".git"))
+            files += [os.path.join(root, n) for n in sorted(names)]
+        deps = [env.File(first)] + [env.File(f) for f in files if not f.endswith("Cargo.toml")]
+        command = f"{_python('program')} rust --bin {kw.get('bin', os.path.basename(target))} --out $TARGET ${{SOURCES[0]}}"
+    elif all(str(s).endswith((".c", ".h")) for s in srcs):
+        deps = srcs
+        command = (f'{_python("program")} c --cc $TDX_CC --cflags "$TDX_CFLAGS" --out $TARGET '
+                   '${_tdx_c_sources(SOURCES)}')
+    else:
+        deps = srcs[:1]
+        command = f"{_python('program')} prebuilt --out $TARGET ${{SOURCES[0]}}"
+    return _stage(env, "program", os.path.basename(target), [target], deps, command)
+
+
+def _c_sources(nodes):
+    return [n for n in nodes if str(n).endswith(".c")]
+
+
+def tdx_image(env, name, binary=None, **options):
+    """The rule: declare every stage of the image ``name``; return the final nodes."""
+    where = f"TdxImage('{name}')"
+    if os.environ.get(settings_table.SKIP_VARIABLE, "").lower() in _TRUE:
+        print(f"[tdx] {name}: skipped ({settings_table.SKIP_VARIABLE}={os.environ[settings_table.SKIP_VARIABLE]})")
+        return []
+    if binary is None:
+        raise SCons.Errors.UserError(f"{where}: binary= is required (a file or the node of TdxStaticProgram)")
+    output_dir = options.pop("output_dir", None)
+    try:
+        values = settings_table.resolve(options, os.environ)
+    except TdxError as error:
+        _user_error(where, error)
+    out = env.Dir(output_dir or f"#build/tdx/{name}")
+    work = out.Dir("work")
+    stage_targets = {}
+
+    def config(stage, **data):
+        return _config(env, work, stage, dict(settings_table.for_stage(values, stage), **data))
+
+    binary_node = env.File(env.Flatten([binary])[0])
+    program_path = "/usr/bin/" + os.path.basename(binary_node.path)
+
+    # minirootfs -> busybox
+    spec, deps = _spec_inputs(env, values["minirootfs"] or sources.alpine_spec(values["alpine_version"], values["alpine_minor"]),
+                              "minirootfs")
+    cfg = _config(env, work, "minirootfs", {"spec": spec})
+    minirootfs = _stage(env, "minirootfs", name, [work.File("minirootfs.tar.gz"), work.File("minirootfs.info.json")],
+                        [cfg] + deps, f"{_python('minirootfs')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} "
+                        f"--info ${{TARGETS[1]}} {_CACHE_ARGS}")
+    stage_targets["minirootfs"] = minirootfs
+    base = _stage(env, "busybox", name, [work.File("base.frag")], [minirootfs[0]],
+                  f"{_python('busybox')} --minirootfs ${{SOURCES[0]}} --out $TARGET")
+    stage_targets["busybox"] = base
+
+    # kernel -> modules
+    spec, deps = _spec_inputs(env, values["kernel"] or sources.ubuntu_kernel_spec(values["kernel_version"], values["kernel_abi"]),
+                              "kernel")
+    modules_dir = None
+    if values["modules_dir"]:
+        modules_node = env.Dir(values["modules_dir"])
+        modules_dir = str(modules_node)
+        deps.append(modules_node)
+    cfg = _config(env, work, "kernel", {"spec": spec, "modules_dir": modules_dir})
+    kernel = _stage(env, "kernel", name, [out.File(f"{name}-vmlinuz"), work.File("kernel.info.json")], [cfg] + deps,
+                    f"{_python('kernel')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} --info ${{TARGETS[1]}} {_CACHE_ARGS}",
+                    scan_dirs=bool(modules_dir))
+    stage_targets["kernel"] = kernel
+    user_modules, user_module_files = [], []
+    for item in values["kernel_modules"]:
+        if "/" in item or ".ko" in item:
+            node = env.File(item)
+            user_module_files.append(node)
+            item = str(node)
+        user_modules.append(item)
+    cfg = config("modules", kernel_modules=user_modules)
+    modules = _stage(env, "modules", name, [work.File("modules.frag"), work.File("modules.info.json")],
+                     [cfg, kernel[1]] + user_module_files,
+                     f"{_python('modules')} --config ${{SOURCES[0]}} --kernel-info ${{SOURCES[1]}} "
+                     f"--out ${{TARGETS[0]}} --info ${{TARGETS[1]}}")
+    stage_targets["modules"] = modules
+
+    # init
+    cfg = config("init", name=name, program=program_path)
+    init = _stage(env, "init", name, [work.File("init.frag")], [cfg],
+                  f"{_python('init')} --config ${{SOURCES[0]}} --out $TARGET")
+    stage_targets["init"] = init
+
+    # cpio
+    extra = {}
+    extra_nodes = []
+    for guest, host in sorted(values["extra_files"].items()):
+        node = env.File(host)
+        extra[guest] = str(node)
+        extra_nodes.append(node)
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    if not epoch.isdigit():
+        raise SCons.Errors.UserError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds")
+    cfg = config("cpio", program_path=program_path, extra_files=extra, epoch=int(epoch))
+    cpio = _stage(env, "cpio", name, [work.File(f"{name}-initramfs.cpio")],
+                  [cfg, binary_node, base[0], modules[0], init[0]] + extra_nodes,
+                  f"{_python('cpio')} --config ${{SOURCES[0]}} --program ${{SOURCES[1]}} --fragment ${{SOURCES[2]}} "
+                  f"--fragment ${{SOURCES[3]}} --fragment ${{SOURCES[4]}} --out $TARGET")
+    stage_targets["cpio"] = cpio
+    initrd = _stage(env, "compress", name, [out.File(f"{name}-initramfs.cpio.gz")], cpio,
+                    f"{_python('compress')} $SOURCE $TARGET")
+
+    # firmware
+    spec, deps = _spec_inputs(env, values["ovmf"] or sources.canonical_ovmf_spec(values["ovmf_version"]), "ovmf")
+    cfg = _config(env, work, "ovmf", {"spec": spec})
+    ovmf = _stage(env, "ovmf", name, [out.File(f"{name}-ovmf.fd"), work.File("ovmf.info.json")], [cfg] + deps,
+                  f"{_python('ovmf')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} --info ${{TARGETS[1]}} {_CACHE_ARGS}")
+    stage_targets["ovmf"] = ovmf
+
+    # scripts
+    cfg = config("scripts", name=name)
+    script_targets = [out.File(f"{name}-launch-tdx.sh")]
+    runner = ""
+    if values["bundle_runner"]:
+        script_targets.append(out.File(f"{name}-run-qemu.sh"))
+        runner = " --runner ${TARGETS[1]}"
+    scripts = _stage(env, "scripts", name, script_targets, [cfg, ovmf[0], kernel[0], initrd[0]],
+                     f"{_python('scripts')} --config ${{SOURCES[0]}} --ovmf ${{SOURCES[1]}} --kernel ${{SOURCES[2]}} "
+                     f"--initrd ${{SOURCES[3]}} --launch ${{TARGETS[0]}}{runner}")
+
+    # manifest
+    finals = [initrd[0], kernel[0], ovmf[0]] + list(scripts)
+    cfg = _config(env, work, "manifest", {"name": name, "settings": values})
+    infos = [minirootfs[1], kernel[1], modules[1], ovmf[1]]
+    file_args = " ".join(f"--file extra:{guest.lstrip('/')}=${{SOURCES[{6 + i}]}}" for i, guest in enumerate(sorted(extra)))
+    manifest = _stage(env, "manifest", name, [out.File(f"{name}-manifest.json")], [cfg] + infos + [binary_node] + extra_nodes + finals,
+                      f"{_python('manifest')} --config ${{SOURCES[0]}} "
+                      + " ".join(f"--info ${{SOURCES[{i + 1}]}}" for i in range(len(infos)))
+                      + " --file program=${SOURCES[5]} " + file_args + " "
+                      + " ".join(f"--output ${{SOURCES[{6 + len(extra_nodes) + i}]}}" for i in range(len(finals)))
+                      + " --out $TARGET")
+    finals.append(manifest[0])
+    stage_targets["finalize"] = [initrd[0]] + list(scripts) + [manifest[0]]
+
+    env.Alias(name, finals)
+    for stage, nodes in stage_targets.items():
+        env.Alias(f"{name}-{stage}", nodes)
+    return finals
+
+
+def generate(env):
+    """Add the builders and the rule to ``env``; set every variable they read."""
+    env.SetDefault(
+        TDX_PYTHON=sys.executable,
+        TDX_CC="musl-gcc",
+        TDX_CFLAGS="-Os",
+        TDX_CACHE=os.environ.get("TDX_RULES_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tdx-rules"),
+        TDX_MIRROR=os.environ.get("TDX_RULES_MIRROR", ""),
+    )
+    env["_tdx_c_sources"] = _c_sources
+    env.Append(BUILDERS={"_TdxConfig": _CONFIG})
+    env.AddMethod(tdx_static_program, "TdxStaticProgram")
+    env.AddMethod(tdx_image, "TdxImage")
+
+
+def exists(env):
+    return True
