@@ -501,3 +501,10 @@ def test_real_user_files(kernel, tmp_path):
     assert files[prefix + "extra/vsock_loopback.ko"][1] == plain.read_bytes()
     assert not any(n.endswith("kernel/net/vmw_vsock/vsock_loopback.ko") for n in files)
     assert [b["name"] for b in info["bundled"]][-1] == "hello"
+
+
+def test_user_file_with_unknown_suffix(fake_tree, tmp_path):
+    odd = tmp_path / "drv.ko.bak"
+    odd.write_bytes(VALID)
+    with pytest.raises(TdxError, match="drv.ko.bak does not exist or is not a .ko"):
+        mod.bundle(fake_tree, "9.9.9-test", [], [str(odd)], tmp_path / "f", tmp_path / "i.json")

@@ -14,9 +14,11 @@ holds, under ``lib/modules/<release>/``:
 * ``tdx-rules.load``: the canonical names of all bundled modules, one a line,
   in load order (dependencies first), for the init script's ``modprobe``.
 
-Decompression streams into a temporary file beside the output and is capped
-at :data:`MAX_MODULE_SIZE`; the ELF parser reads only the section header
-table, the section-name table and ``.modinfo`` from that file.
+Memory stays bounded: decompression streams in 1 MiB chunks into a temporary
+file (beside the output in :func:`bundle`, anonymous in :func:`read_modinfo`)
+and stops at :data:`MAX_MODULE_SIZE`; the ELF parser then seeks in that file
+and reads only the section headers, the section-name table and ``.modinfo``
+(a few KB). No module is ever held in memory whole.
 """
 
 import argparse
@@ -324,7 +326,8 @@ def dependency_chains(order, deps) -> dict:
 # --- the bundle ------------------------------------------------------------
 
 def _is_path(spec: str) -> bool:
-    return "/" in spec or module_suffix(spec) is not None
+    """A kernel_modules entry naming a file (module names never hold '/' or '.ko')."""
+    return "/" in spec or ".ko" in spec
 
 
 def _write_json(path, data) -> None:
