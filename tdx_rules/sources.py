@@ -14,6 +14,7 @@ returns verified local files.
 import dataclasses
 import os
 import re
+import subprocess
 from typing import List, Optional
 
 from .errors import TdxError
@@ -121,6 +122,19 @@ def canonical_ovmf_deb(version: str):
     return ("ovmf", version, f"{CANONICAL_OVMF_PPA}/pool/main/e/edk2/ovmf_{version}_all.deb")
 
 
+def apt_candidate(package: str) -> Optional[str]:
+    """The version apt would install (from the host's package lists; no network), or None."""
+    try:
+        out = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for line in out.splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == "Candidate" and value.strip() not in ("", "(none)"):
+            return value.strip()
+    return None
+
+
 @dataclasses.dataclass
 class Context:
     """Where a stage puts downloads: the shared cache, an optional mirror, a log function."""
@@ -159,7 +173,9 @@ def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved
             raise TdxError(f"{what}: {spec.path} does not exist or is not a file; fix the path in {spec.text!r}")
         return [Resolved(spec.text, spec.path, sha256_file(spec.path), "file")]
     if spec.kind == "apt":
-        path = fetch.apt_download(spec.package, spec.version, cache=ctx.cache, log=ctx.log)
+        # Pin the candidate version first: a cached .deb of it is then used without network.
+        version = spec.version or apt_candidate(spec.package)
+        path = fetch.apt_download(spec.package, version, cache=ctx.cache, log=ctx.log)
         return [Resolved(spec.text, path, sha256_file(path), "apt")]
     if spec.kind == "url":
         path = fetch.fetch(spec.url, spec.sha256, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)

@@ -154,7 +154,7 @@ def tdx_static_program(env, target, source=None, **kw):
         command = f"{_python('program')} rust --bin {kw.get('bin', os.path.basename(target))} --out $TARGET ${{SOURCES[0]}}"
     elif all(str(s).endswith((".c", ".h")) for s in srcs):
         deps = srcs
-        command = (f'{_python("program")} c --cc $TDX_CC --cflags "$TDX_CFLAGS" --out $TARGET '
+        command = (f'{_python("program")} c --cc $TDX_CC --cflags="$TDX_CFLAGS" --out $TARGET '
                    '${_tdx_c_sources(SOURCES)}')
     else:
         deps = srcs[:1]

@@ -1,7 +1,7 @@
 """Real Debian packages for the tests, fetched once with `apt-get download`.
 
-Files land in ``.test-cache/`` at the top of the checkout (kept between runs,
-ignored by git), so a second test run needs no network at all.
+Files land in ``~/.cache/tdx-rules-tests`` (or ``TDX_TEST_CACHE``), kept between runs and
+checkouts, so a second test run needs no network at all.
 """
 
 import fcntl
@@ -10,7 +10,8 @@ import os
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("TDX_TEST_CACHE", os.path.join(ROOT, ".test-cache"))
+CACHE = os.environ.get("TDX_TEST_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tdx-rules-tests")
 
 # The kernel with the TDX guest driver on Debian 12, and the package it depends on.
 KERNEL_META = "linux-image-6.12-amd64"

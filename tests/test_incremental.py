@@ -1,0 +1,90 @@
+"""The incremental contract: each change reruns exactly the stages that read it.
+
+Real scons runs in subprocesses on a temporary project; the progress lines
+(`[tdx] <stage> <image>`) tell which stages ran.
+"""
+
+import base64
+import json
+import os
+
+import pytest
+
+from tests.conftest import scons, stages_run
+
+FINALIZE = {"compress", "scripts", "manifest"}
+
+
+def ed25519_key(seed: int, comment: str) -> str:
+    """A well-formed OpenSSH ed25519 public key line (type string, then 32 key bytes)."""
+    blob = b"\0\0\0\x0bssh-ed25519" + b"\0\0\0\x20" + bytes([seed]) * 32
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"
+
+
+KEY_A = ed25519_key(1, "a@host")
+KEY_B = ed25519_key(2, "b@host")
+
+
+def set_options(project, **options):
+    path = os.path.join(project, "opts.json")
+    current = json.load(open(path)) if os.path.exists(path) else {}
+    current.update(options)
+    with open(path, "w") as handle:
+        json.dump(current, handle)
+
+
+@pytest.fixture
+def built(fast_project):
+    set_options(fast_project, ssh_keys=[KEY_A], env_vars={"RUST_LOG": "info"})
+    first = scons(fast_project)
+    assert {"program", "minirootfs", "busybox", "kernel", "modules", "init", "cpio", "ovmf"} | FINALIZE <= stages_run(first)
+    return fast_project
+
+
+def test_nothing_changed_runs_no_stage_and_scons_q_says_up_to_date(built):
+    assert stages_run(scons(built)) == set()
+    assert scons(built, "-q", "hello", check=False).returncode == 0
+
+
+def test_changed_program_source_reruns_program_cpio_finalize(built):
+    with open(os.path.join(built, "hello.c"), "a") as handle:
+        handle.write('\nint unused_marker(void) { return puts("changed"); }\n')
+    assert stages_run(scons(built)) == {"program", "cpio"} | FINALIZE
+
+
+def test_comment_only_change_stops_after_the_program(built):
+    with open(os.path.join(built, "hello.c"), "a") as handle:
+        handle.write("\n/* a comment changes nothing in the binary */\n")
+    assert stages_run(scons(built)) == {"program"}
+
+
+def test_changed_ssh_key_reruns_init_cpio_finalize(built):
+    set_options(built, ssh_keys=[KEY_B])
+    assert stages_run(scons(built)) == {"init", "cpio"} | FINALIZE
+
+
+def test_changed_env_var_reruns_init_cpio_finalize(built):
+    set_options(built, env_vars={"RUST_LOG": "debug"})
+    assert stages_run(scons(built)) == {"init", "cpio"} | FINALIZE
+
+
+def test_changed_memory_reruns_only_scripts_and_manifest(built):
+    set_options(built, memory="3G")
+    assert stages_run(scons(built)) == {"scripts", "manifest"}
+
+
+def test_extra_file_content_change_reruns_cpio_finalize(built):
+    data = os.path.join(built, "motd")
+    with open(data, "w") as handle:
+        handle.write("one\n")
+    set_options(built, extra_files={"/etc/motd": "motd"})
+    assert stages_run(scons(built)) == {"cpio"} | FINALIZE
+    with open(data, "w") as handle:
+        handle.write("two\n")
+    assert stages_run(scons(built)) == {"cpio"} | FINALIZE
+    assert stages_run(scons(built)) == set()
+
+
+def test_skip_variable_skips_the_image_and_says_so(built):
+    result = scons(built, env={"TDX_IMAGE_SKIP": "1"})
+    assert "skipped" in result.stdout and stages_run(result) == set()
