@@ -240,8 +240,9 @@ class DebPackage:
 
     @property
     def control(self) -> Dict[str, str]:
-        """Fields of the control file. A continued value keeps its lines as written
-        (joined with ``\\n``, leading blank kept), exactly as ``dpkg-deb -f`` prints it."""
+        """Fields of the control file, as ``dpkg-deb -f`` prints them: continuation
+        lines of ``Description`` are kept as written (joined with ``\\n``, leading
+        blank kept); those of other fields are folded into one line with spaces."""
         if self._control is None:
             text = None
             try:
@@ -282,6 +283,10 @@ class DebPackage:
             raise _invalid(self.path, f"{self._data_member[0]}: {exc}") from None
 
 
+# Fields whose line breaks carry meaning (Debian Policy 5.1); all others are folded.
+_MULTILINE = frozenset(("Description", "Conffiles"))
+
+
 def _parse_control(path: str, text: str) -> Dict[str, str]:
     fields: Dict[str, str] = {}
     last = None
@@ -295,7 +300,10 @@ def _parse_control(path: str, text: str) -> Dict[str, str]:
         if line[0] in " \t":
             if last is None:
                 raise _invalid(path, f"control line {number} continues no field")
-            fields[last] += "\n" + line.rstrip()
+            if last in _MULTILINE:
+                fields[last] += "\n" + line.rstrip()
+            else:
+                fields[last] = (fields[last] + " " + line.strip()).strip()
             continue
         key, sep, value = line.partition(":")
         if not sep or not key or " " in key:
@@ -454,47 +462,54 @@ def extract(deb_path, dest_dir, select: Optional[Callable[[str], bool]] = None) 
     Regular files are streamed with mode ``& 0o755``; directories get
     ``(mode & 0o755) | 0o700``; symlinks are kept only if they resolve inside
     ``dest_dir`` (absolute targets count from ``dest_dir``, as in the image);
-    hard links become copies; device nodes and FIFOs are skipped. Absolute or
-    ``..`` names, escaping symlinks and writes through a symlink raise TdxError.
+    hard links become copies (links whose target was not selected are filled
+    by a second pass and listed last); device nodes and FIFOs are skipped.
+    Absolute or ``..`` names, escaping symlinks and writes through a symlink
+    (each parent must be a real directory) raise TdxError.
     """
     deb_path = os.fspath(deb_path)
     dest_dir = os.path.abspath(os.fspath(dest_dir))
     package = DebPackage(deb_path)
-    tree = _Tree(deb_path, dest_dir)
     done: List[str] = []
     files = set()
     pending: Dict[str, List[List[str]]] = {}  # hard-link target -> link names still to write
     try:
-        for info, fileobj in package.iter_data():
-            parts = _member_parts(deb_path, info.name)
-            if info.islnk():
-                target_parts = _member_parts(deb_path, info.linkname)
-            if not parts or (select is not None and not select(info.name)):
-                continue
-            rel = "/".join(parts)
-            if info.isreg():
-                tree.write_file(parts, fileobj, info.mode)
-                files.add(rel)
-            elif info.isdir():
-                tree.make_dir(parts, info.mode)
-            elif info.issym():
-                tree.make_symlink(parts, info.linkname)
-            elif info.islnk():
-                target = "/".join(target_parts)
-                if target in files:
+        tree = _Tree(deb_path, dest_dir)
+    except OSError as exc:
+        raise TdxError(f"{deb_path}: cannot create {dest_dir} ({exc.strerror or exc}); "
+                       "check the path and permissions") from None
+    try:
+        with contextlib.closing(package.iter_data()) as members:
+            for info, fileobj in members:
+                parts = _member_parts(deb_path, info.name)
+                if info.islnk():
+                    target_parts = _member_parts(deb_path, info.linkname)
+                if not parts or (select is not None and not select(info.name)):
+                    continue
+                rel = "/".join(parts)
+                if info.isreg():
+                    tree.write_file(parts, fileobj, info.mode)
+                    files.add(rel)
+                elif info.isdir():
+                    tree.make_dir(parts, info.mode)
+                elif info.issym():
+                    tree.make_symlink(parts, info.linkname)
+                elif info.islnk():
+                    target = "/".join(target_parts)
+                    if target not in files:
+                        pending.setdefault(target, []).append(parts)
+                        continue
                     with tree.open_file(target_parts) as source:
                         tree.write_file(parts, source, os.fstat(source.fileno()).st_mode)
                     files.add(rel)
                 else:
-                    pending.setdefault(target, []).append(parts)
-                    continue
-            else:
-                continue  # device nodes, FIFOs: never created
-            done.append(rel)
+                    continue  # device nodes, FIFOs: never created
+                done.append(rel)
         if pending:
             _resolve_hard_links(package, tree, pending, done)
     except OSError as exc:
-        raise TdxError(f"{deb_path}: cannot extract into {dest_dir} ({exc}); check free space and permissions") from None
+        raise TdxError(f"{deb_path}: cannot extract into {dest_dir} ({exc.strerror or exc}); "
+                       "check free space and permissions") from None
     finally:
         tree.close()
     return done
@@ -502,16 +517,17 @@ def extract(deb_path, dest_dir, select: Optional[Callable[[str], bool]] = None) 
 
 def _resolve_hard_links(package: DebPackage, tree: _Tree, pending, done: List[str]) -> None:
     """Second pass for hard links whose target was not selected: copy the target's bytes."""
-    for info, fileobj in package.iter_data():
-        if info.isreg() and info.name in pending:
-            links = pending.pop(info.name)
-            tree.write_file(links[0], fileobj, info.mode)
-            for parts in links[1:]:
-                with tree.open_file(links[0]) as source:
-                    tree.write_file(parts, source, info.mode)
-            done.extend("/".join(parts) for parts in links)
-            if not pending:
-                return
+    with contextlib.closing(package.iter_data()) as members:
+        for info, fileobj in members:
+            if info.isreg() and info.name in pending:
+                links = pending.pop(info.name)
+                tree.write_file(links[0], fileobj, info.mode)
+                for parts in links[1:]:
+                    with tree.open_file(links[0]) as source:
+                        tree.write_file(parts, source, info.mode)
+                done.extend("/".join(parts) for parts in links)
+                if not pending:
+                    return
     name, links = next(iter(pending.items()))
     raise TdxError(f"{package.path}: hard link {'/'.join(links[0])!r} points at {name!r}, which is not a regular "
                    "file in the package; refusing to extract this package")

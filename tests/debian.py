@@ -32,7 +32,8 @@ def package(name: str) -> str:
         if not candidate or candidate[0] == "(none)":
             raise RuntimeError(f"apt has no candidate for {name}: run apt-get update")
         pattern = os.path.join(CACHE, "debs", f"{name}_*.deb")
-        quoted = candidate[0].split(":", 1)[-1]
+        # apt writes the epoch's colon as %3a in file names.
+        quoted = candidate[0].replace(":", "%3a")
         for path in glob.glob(pattern):
             if f"_{quoted}_" in path:
                 return path

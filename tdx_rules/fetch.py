@@ -1,0 +1,407 @@
+"""Every download of tdx-rules: verified, cached, atomic, retried, mirror-aware.
+
+Pinned files land in the content cache ``<cache>/sha256/<hex>/<basename>``;
+small unpinned files (checksum files, ``Packages`` indexes) in
+``<cache>/url/<sha256 of the URL>/<basename>``; ``apt-get download`` results in
+``<cache>/apt/``. A file appears under its final name only once complete and
+verified (temp file, fsync, ``os.replace``), and a per-entry lock in
+``<cache>/locks/`` makes concurrent threads and processes download it once.
+
+Transient failures (connection errors, timeouts, HTTP 5xx/429, a body shorter
+than its Content-Length) are retried with exponential backoff; HTTP 4xx and
+checksum mismatches are not. Every failure raises
+:class:`~tdx_rules.errors.TdxError` with one line naming the URL and the fix.
+Each download logs one line ``[tdx] fetch <url>`` (plus one per retry).
+"""
+
+import bz2
+import contextlib
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import zlib
+from typing import Callable, Optional
+from urllib.parse import unquote, urlsplit
+
+import filelock
+import requests
+import urllib3
+import zstandard
+
+from .errors import TdxError
+from .fsutil import CHUNK, atomic_output
+
+MAX_REDIRECTS = 10
+RETRY_AFTER_CAP = 30.0
+USER_AGENT = "tdx-rules"
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_APT_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_APT_VERSION = re.compile(r"^[0-9A-Za-z.+~:-]+$")
+
+
+class _Transient(Exception):
+    """A failure worth retrying; the message says what happened."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def mirror_url(url: str, mirror: Optional[str]) -> str:
+    """``url`` as served by ``mirror``: mirror prefix + host + path (+ query).
+
+    ``mirror_url("https://dl-cdn.alpinelinux.org/alpine/x", "http://127.0.0.1:8000/base")``
+    is ``"http://127.0.0.1:8000/base/dl-cdn.alpinelinux.org/alpine/x"``. No mirror: ``url``.
+    """
+    if not mirror:
+        return url
+    try:
+        _split(mirror)
+    except TdxError:
+        raise TdxError(f"mirror {mirror!r} is not an http:// or https:// URL; fix TDX_RULES_MIRROR") from None
+    parts = _split(url)
+    rest = parts.path or "/"
+    if parts.query:
+        rest += "?" + parts.query
+    return mirror.rstrip("/") + "/" + parts.netloc.rpartition("@")[2] + rest
+
+
+def _split(url: str):
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except (ValueError, TypeError, AttributeError):
+        raise TdxError(f"{url!r} is not a valid URL; fix it") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise TdxError(f"{url!r} is not an http:// or https:// URL; fix it")
+    return parts
+
+
+def _basename(url: str, name: Optional[str]) -> str:
+    base = name if name else _split(url).path.rsplit("/", 1)[-1]
+    if not base or base in (".", "..") or "/" in base or "\0" in base or len(base) > 200:
+        if name:
+            raise TdxError(f"{url}: name {name!r} is not a plain file name; pass a name without '/'")
+        base = "download"
+    return base
+
+
+def _short(exc: BaseException) -> str:
+    """One short line for a requests/urllib3 exception (their messages nest reprs)."""
+    text = " ".join(str(exc).split())
+    for marker in ("Connection refused", "Connection reset", "timed out", "Name or service not known",
+                   "IncompleteRead", "Connection broken", "Remote end closed"):
+        if marker in text:
+            return marker.lower()
+    return (text[:160] + "…") if len(text) > 160 else text or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _locked(cache: str, key: str):
+    """Hold ``<cache>/locks/<key>.lock`` (threads and processes); TdxError if the cache is unwritable."""
+    locks = os.path.join(cache, "locks")
+    try:
+        os.makedirs(locks, exist_ok=True)
+        lock = filelock.FileLock(os.path.join(locks, key + ".lock"))
+        lock.acquire()
+    except OSError as exc:
+        raise TdxError(f"cannot write the download cache {cache} ({exc.strerror or exc}); "
+                       "make it writable or set TDX_RULES_CACHE to another directory") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _attempt(url: str, dest: str, sha256: Optional[str], timeout: float, shown: str) -> None:
+    """One GET of ``url`` into ``dest`` (atomically); raise _Transient or TdxError."""
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    with requests.Session() as session:
+        session.max_redirects = MAX_REDIRECTS
+        try:
+            response = session.get(url, stream=True, timeout=timeout, headers=headers)
+        except requests.TooManyRedirects:
+            raise TdxError(f"{shown}: more than {MAX_REDIRECTS} redirects (a redirect loop); "
+                           "fix the URL or the mirror") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Transient(_short(exc)) from None
+        except (requests.RequestException, ValueError) as exc:
+            raise TdxError(f"{shown}: cannot request this URL ({_short(exc)}); fix the URL") from None
+        with response:
+            status = response.status_code
+            if status == 429 or status >= 500:
+                after = response.headers.get("Retry-After", "")
+                raise _Transient(f"HTTP {status}", float(after) if after.isdigit() else None)
+            if status != 200:
+                raise TdxError(f"{shown}: HTTP {status} {response.reason or ''}".rstrip()
+                               + "; check the URL and version (the file may have been removed upstream)")
+            length = response.headers.get("Content-Length", "")
+            expected = int(length) if length.isdigit() else None
+            digest = hashlib.sha256()
+            got = 0
+            with atomic_output(dest) as out:
+                chunks = response.raw.stream(CHUNK, decode_content=False)
+                while True:
+                    try:
+                        chunk = next(chunks)
+                    except StopIteration:
+                        break
+                    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                        raise _Transient(f"{_short(exc)} after {got} bytes") from None
+                    out.write(chunk)
+                    digest.update(chunk)
+                    got += len(chunk)
+                if expected is not None and got < expected:
+                    raise _Transient(f"body ended after {got} of {expected} bytes")
+                actual = digest.hexdigest()
+                if sha256 is not None and actual != sha256:
+                    raise TdxError(f"{shown}: checksum mismatch: expected sha256 {sha256}, got {actual}; "
+                                   "the upstream file changed or the pin is wrong, so check the source and fix the pin")
+
+
+def _download(url: str, dest: str, sha256: Optional[str], *, mirror: Optional[str], retries: int,
+              timeout: float, backoff: float, log: Callable[[str], None]) -> None:
+    """Download ``url`` (through ``mirror``) to ``dest`` with retries; ``dest`` appears only when complete."""
+    source = mirror_url(url, mirror)
+    shown = source if source == url else f"{source} (mirror of {url})"
+    log(f"[tdx] fetch {source}")
+    last = ""
+    attempts = max(0, int(retries)) + 1
+    for attempt in range(attempts):
+        try:
+            _attempt(source, dest, sha256, timeout, shown)
+            return
+        except _Transient as exc:
+            last = str(exc)
+            if attempt + 1 == attempts:
+                break
+            delay = backoff * (2 ** attempt)
+            if exc.retry_after is not None:
+                delay = max(delay, min(exc.retry_after, RETRY_AFTER_CAP))
+            log(f"[tdx] retry {source} in {delay:g}s ({last})")
+            time.sleep(delay)
+        except OSError as exc:
+            raise TdxError(f"cannot write {dest} ({exc.strerror or exc}); check free space and permissions "
+                           "of the download cache") from None
+    hint = ("check the mirror or the network" if mirror
+            else "check the network, or set TDX_RULES_MIRROR to a mirror that serves it")
+    raise TdxError(f"cannot download {shown} after {attempts} attempts ({last}); {hint}")
+
+
+def _check_sha256(sha256, url: str) -> str:
+    text = str(sha256 or "").strip().lower()
+    if not _HEX64.match(text):
+        raise TdxError(f"{url}: {sha256!r} is not a SHA-256 (64 hex digits); fix the pin")
+    return text
+
+
+def _reuse_sibling(directory: str, dest: str) -> bool:
+    """Give ``dest`` the bytes of a verified file already in ``directory`` (same hash, other name)."""
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.listdir(directory)):
+            path = os.path.join(directory, entry)
+            if not entry.startswith(".") and os.path.isfile(path):
+                temp = os.path.join(directory, f".{os.path.basename(dest)}.{os.getpid()}.link")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+                try:
+                    os.link(path, temp)
+                except OSError:
+                    shutil.copyfile(path, temp)
+                os.replace(temp, dest)
+                return True
+    return False
+
+
+def fetch(url: str, sha256: str, *, cache: str, mirror: Optional[str] = None, name: Optional[str] = None,
+          retries: int = 4, timeout: float = 30, backoff: float = 0.5, log: Callable[[str], None] = print) -> str:
+    """Path of the file at ``url`` whose SHA-256 is ``sha256``, in the content cache.
+
+    Returns ``<cache>/sha256/<hex>/<name or URL basename>`` at once if present (no
+    network); otherwise downloads it (through ``mirror`` if set), verifies it and
+    moves it into place. Retries transient failures ``retries`` times, waiting
+    ``backoff``, 2×, 4×… seconds. TdxError on a 4xx, a checksum mismatch (the
+    bad bytes are deleted), a redirect loop, or when retries run out.
+    """
+    sha = _check_sha256(sha256, url)
+    directory = os.path.join(os.fspath(cache), "sha256", sha)
+    dest = os.path.join(directory, _basename(url, name))
+    if os.path.isfile(dest):
+        return dest
+    with _locked(os.fspath(cache), sha):
+        if os.path.isfile(dest):
+            return dest
+        if _reuse_sibling(directory, dest):
+            return dest
+        try:
+            _download(url, dest, sha, mirror=mirror, retries=retries, timeout=timeout, backoff=backoff, log=log)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)  # only if empty: nothing partial or wrong stays behind
+            raise
+    return dest
+
+
+def fetch_text(url: str, *, cache: str, mirror: Optional[str] = None, name: Optional[str] = None,
+               retries: int = 4, timeout: float = 30, backoff: float = 0.5,
+               log: Callable[[str], None] = print) -> bytes:
+    """Bytes of a small unpinned file (checksum file, Packages index), cached by URL.
+
+    Kept at ``<cache>/url/<sha256 of url>/<basename>`` and reused when present, as
+    named upstream releases do not change. Same atomic/lock/retry rules as
+    :func:`fetch`; nothing is decompressed.
+    """
+    key = hashlib.sha256(url.encode("utf-8")).hexdigest()
+    directory = os.path.join(os.fspath(cache), "url", key)
+    dest = os.path.join(directory, _basename(url, name))
+    if not os.path.isfile(dest):
+        with _locked(os.fspath(cache), "url-" + key):
+            if not os.path.isfile(dest):
+                try:
+                    _download(url, dest, None, mirror=mirror, retries=retries, timeout=timeout, backoff=backoff,
+                              log=log)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(directory)
+                    raise
+    with open(dest, "rb") as handle:
+        return handle.read()
+
+
+def _same_version(wanted: str, found: str) -> bool:
+    """Debian versions equal, treating a missing epoch as ``0:`` or as any epoch."""
+    def strip_zero(v):
+        return v[2:] if v.startswith("0:") else v
+
+    wanted, found = strip_zero(wanted.strip()), strip_zero(found.strip())
+    return wanted == found or (":" not in wanted and found.split(":", 1)[-1] == wanted)
+
+
+def _decompressing(data: bytes, name: str):
+    raw = io.BytesIO(data)
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)
+    if name.endswith(".xz") or name.endswith(".lzma"):
+        return lzma.LZMAFile(raw)
+    if name.endswith(".bz2"):
+        return bz2.BZ2File(raw)
+    if name.endswith(".zst"):
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+    return raw
+
+
+def packages_index_sha256(index_bytes: bytes, index_name: str, package: str, version: str) -> Optional[str]:
+    """SHA256 field of the stanza for ``package`` at ``version`` in a Debian ``Packages``
+    index (raw, or compressed as ``index_name``'s suffix .gz/.xz/.bz2/.zst says); None if absent."""
+    def match(stanza):
+        sha = stanza.get("SHA256", "").lower()
+        return (stanza.get("Package") == package and _same_version(version, stanza.get("Version", ""))
+                and _HEX64.match(sha) is not None)
+
+    stanza = {}
+    try:
+        with _decompressing(index_bytes, index_name) as stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if not line.strip():
+                    if match(stanza):
+                        return stanza["SHA256"].lower()
+                    stanza = {}
+                elif line[0] not in " \t":
+                    key, _, value = line.partition(":")
+                    if key in ("Package", "Version", "SHA256"):
+                        stanza[key] = value.strip()
+    except (EOFError, OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as exc:
+        raise TdxError(f"{index_name}: corrupt or truncated Packages index ({_short(exc)}); "
+                       "delete it from the download cache and build again") from None
+    return stanza["SHA256"].lower() if match(stanza) else None
+
+
+def alpine_sha256(text: str, filename: str) -> str:
+    """The hash for ``filename`` in an Alpine ``.sha256`` file (``<hex>  <filename>`` lines)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise TdxError(f"{filename}.sha256 is empty; the release may be incomplete upstream, pick another version")
+    listed = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or not _HEX64.match(parts[0].lower()):
+            raise TdxError(f"{filename}.sha256: malformed line {line[:80]!r}; expected '<sha256>  {filename}' "
+                           "(is a proxy or mirror returning an error page?)")
+        listed.append(parts[1].lstrip("*").rsplit("/", 1)[-1])
+        if listed[-1] == filename:
+            return parts[0].lower()
+    raise TdxError(f"{filename}.sha256 lists {', '.join(listed)} instead of {filename}; "
+                   "check the version in the alpine: spec")
+
+
+def _cached_deb(directory: str, package: str, version: str) -> Optional[str]:
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.listdir(directory)):
+            parts = entry[:-len(".deb")].split("_") if entry.endswith(".deb") else []
+            if len(parts) == 3 and parts[0] == package and _same_version(version, unquote(parts[1])):
+                return os.path.join(directory, entry)
+    return None
+
+
+def _apt_error(result: subprocess.CompletedProcess) -> str:
+    lines = [line.strip() for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("E:")]
+    return (errors or lines or [f"exit status {result.returncode}"])[-1]
+
+
+def apt_download(package: str, version: Optional[str] = None, *, cache: str,
+                 log: Callable[[str], None] = print) -> str:
+    """Path of ``package`` (at ``version``, else apt's candidate) fetched by the host's
+    ``apt-get download`` into ``<cache>/apt/``.
+
+    With ``version``, a cached file for exactly that version is returned without
+    running apt. TdxError with apt's last error line if apt fails.
+    """
+    spec = f"{package}={version}" if version else package
+    if not isinstance(package, str) or not _APT_NAME.match(package) or (
+            version is not None and not _APT_VERSION.match(str(version))):
+        raise TdxError(f"apt:{spec}: not a Debian package name and version; write apt:PACKAGE[=VERSION]")
+    directory = os.path.join(os.fspath(cache), "apt")
+    if version and (found := _cached_deb(directory, package, version)):
+        return found
+    with _locked(os.fspath(cache), "apt-" + package):
+        if version and (found := _cached_deb(directory, package, version)):
+            return found
+        log(f"[tdx] fetch apt:{spec}")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            work = tempfile.mkdtemp(prefix=".apt-", dir=directory)
+        except OSError as exc:
+            raise TdxError(f"cannot write the download cache {cache} ({exc.strerror or exc}); "
+                           "make it writable or set TDX_RULES_CACHE to another directory") from None
+        try:
+            try:
+                result = subprocess.run(["apt-get", "download", "-q", spec], cwd=work, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise TdxError(f"apt:{spec}: apt-get is not installed; apt: sources need a Debian or Ubuntu "
+                               "build host") from None
+            if result.returncode:
+                raise TdxError(f"apt:{spec}: apt-get download failed ({_apt_error(result)}); "
+                               "run apt-get update, or check the package name")
+            debs = [entry for entry in os.listdir(work) if entry.endswith(".deb")]
+            if len(debs) != 1:
+                raise TdxError(f"apt:{spec}: apt-get download left {len(debs)} .deb files instead of one; "
+                               "run apt-get update, or check the package name")
+            source = os.path.join(work, debs[0])
+            with open(source, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(source, 0o644)
+            dest = os.path.join(directory, debs[0])
+            os.replace(source, dest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return dest
