@@ -191,7 +191,7 @@ def _download(url: str, dest: str, sha256: Optional[str], *, mirror: Optional[st
         except OSError as exc:
             raise TdxError(f"cannot write {dest} ({exc.strerror or exc}); check free space and permissions "
                            "of the download cache") from None
-    hint = ("check the mirror or the network" if mirror
+    hint = ("check the mirror (TDX_RULES_MIRROR) or the network" if mirror
             else "check the network, or set TDX_RULES_MIRROR to a mirror that serves it")
     raise TdxError(f"cannot download {shown} after {attempts} attempts ({last}); {hint}")
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tdx_rules.tool import STAGE_CODE
 from tests import debian
 
 ROOT = debian.ROOT
@@ -31,7 +32,7 @@ def scons(project, *args, env=None, check=True):
 
 def stages_run(result) -> set:
     """The stages that ran, from their progress lines (`[tdx] cpio hello`)."""
-    return {match.group(1) for match in STAGE_LINE.finditer(result.stdout)}
+    return {match.group(1) for match in STAGE_LINE.finditer(result.stdout) if match.group(1) in STAGE_CODE}
 
 
 @pytest.fixture(scope="session")
