@@ -5,7 +5,6 @@ as an ordinary guest (``-accel tcg``), by direct kernel boot or through OVMF,
 to prove that the image starts and the workload runs.
 """
 
-import os
 import shutil
 import subprocess
 import threading

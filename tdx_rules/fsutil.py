@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 
@@ -57,3 +58,10 @@ def sha256_file(path) -> str:
         for chunk in iter(lambda: handle.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_json(path, data) -> None:
+    """Canonical JSON (sorted keys), written atomically."""
+    with atomic_output(path, "w") as out:
+        json.dump(data, out, indent=1, sort_keys=True)
+        out.write("\n")

@@ -40,8 +40,8 @@ STAGE_CODE = {
     "cpio": ("stages/cpio.py", "newc.py", "elf.py"),
     "compress": ("stages/compress.py",),
     "ovmf": ("stages/ovmf.py",) + _FETCHING,
-    "scripts": ("stages/scripts.py", "render.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
-    "manifest": ("stages/manifest.py", "stages/common.py"),
+    "scripts": ("stages/scripts.py", "render.py", "settings.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
+    "manifest": ("stages/manifest.py",),
 }
 # The stages "finalize" stands for in the docs: compression, scripts, manifest.
 FINALIZE = ("compress", "scripts", "manifest")
@@ -85,7 +85,8 @@ def _stage(env, stage: str, label: str, targets, sources_, command: str, scan_di
     ``scan_dirs``: a directory among the sources is scanned recursively, so an
     edit to a nested file reruns the stage.
     """
-    action = _StageAction(command, cmdstr=None if _verbose(env) else f"[tdx] {stage} {label}")
+    # cmdstr=None would silence the action: leave it out to print the command.
+    action = _StageAction(command, **({} if _verbose(env) else {"cmdstr": f"[tdx] {stage} {label}"}))
     extra = {"source_scanner": SCons.Defaults.DirScanner} if scan_dirs else {}
     nodes = env.Command(targets, sources_, action, **extra,
                         ENV=dict(env["ENV"], PYTHONPATH=os.pathsep.join(

@@ -1,7 +1,6 @@
 """The newc writer, checked against GNU cpio (the outside reference)."""
 
 import os
-import stat
 import subprocess
 
 import pytest

@@ -1,9 +1,7 @@
 """Argument and record helpers shared by the stage entry points."""
 
-import json
 import os
 
-from ..fsutil import atomic_output
 from ..sources import Context, Resolved
 
 
@@ -20,10 +18,3 @@ def input_record(resolved: Resolved) -> dict:
     """How an input appears in the manifest: no local paths, only names and hashes."""
     return {"spec": resolved.spec, "file": os.path.basename(resolved.path), "sha256": resolved.sha256,
             "origin": resolved.origin}
-
-
-def write_json(path, data) -> None:
-    """Canonical JSON, written atomically."""
-    with atomic_output(path, "w") as out:
-        json.dump(data, out, indent=1, sort_keys=True)
-        out.write("\n")

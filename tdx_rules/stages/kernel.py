@@ -22,10 +22,10 @@ import filelock
 
 from ..debpkg import DebPackage, extract
 from ..errors import TdxError
-from ..fsutil import copy_file
+from ..fsutil import copy_file, write_json
 from ..sources import materialize, parse
 from ._entry import load_config, run
-from .common import add_cache_arguments, context, input_record, write_json
+from .common import add_cache_arguments, context, input_record
 
 _KEEP = re.compile(r"^(?:boot/vmlinu[xz]-[^/]+|(?:usr/)?lib/modules/[^/]+/(?:.+\.ko(?:\.xz|\.zst|\.gz)?|modules\.builtin|modules\.order))$")
 

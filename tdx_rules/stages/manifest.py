@@ -8,9 +8,8 @@ import argparse
 import json
 import os
 
-from ..fsutil import sha256_file
+from ..fsutil import sha256_file, write_json
 from ._entry import load_config, run
-from .common import write_json
 
 
 def build_manifest(config: dict, infos, files, outputs, out: str) -> None:

@@ -13,10 +13,10 @@ import tarfile
 
 from ..debpkg import DebPackage
 from ..errors import TdxError
-from ..fsutil import CHUNK, atomic_output, copy_file
+from ..fsutil import CHUNK, atomic_output, copy_file, write_json
 from ..sources import Spec, materialize, parse
 from ._entry import load_config, run
-from .common import add_cache_arguments, context, input_record, write_json
+from .common import add_cache_arguments, context, input_record
 
 MUSL_LOADER = "lib/ld-musl-x86_64.so.1"
 MUSL_LIBC_LINK = "lib/libc.musl-x86_64.so.1"

@@ -40,7 +40,7 @@ import zstandard
 
 from .. import newc
 from ..errors import TdxError
-from ..fsutil import CHUNK, atomic_output, sha256_file
+from ..fsutil import CHUNK, sha256_file, write_json
 from ._entry import run
 
 # The modules a TDX guest needs for attestation (configfs-tsm, tdx_guest) and
@@ -330,12 +330,6 @@ def _is_path(spec: str) -> bool:
     return "/" in spec or ".ko" in spec
 
 
-def _write_json(path, data) -> None:
-    with atomic_output(path, "w") as out:
-        json.dump(data, out, indent=1, sort_keys=True)
-        out.write("\n")
-
-
 class _Source:
     """Where a bundled module comes from and where it goes in the image."""
 
@@ -362,7 +356,7 @@ def bundle(modules_root, release, default_modules, user_modules, out_fragment, o
             raise TdxError(f"kernel {release} has no loadable modules, but kernel_modules asks for "
                            f"{', '.join(user_modules)}: use a kernel built with modules or drop kernel_modules")
         newc.write_fragment(out_fragment, [])
-        _write_json(out_info, info)
+        write_json(out_info, info)
         return info
 
     modules_root = os.path.abspath(modules_root)
@@ -459,7 +453,7 @@ def bundle(modules_root, release, default_modules, user_modules, out_fragment, o
     info["builtin"] = sorted(builtin)
     for name in info["missing_defaults"]:
         print(f"[tdx] warning: module {name} not found in {release}", file=sys.stderr)
-    _write_json(out_info, info)
+    write_json(out_info, info)
     return info
 
 

@@ -8,10 +8,10 @@ import argparse
 
 from ..debpkg import DebPackage
 from ..errors import TdxError
-from ..fsutil import CHUNK, atomic_output, copy_file
+from ..fsutil import CHUNK, atomic_output, copy_file, write_json
 from ..sources import materialize, parse
 from ._entry import load_config, run
-from .common import add_cache_arguments, context, input_record, write_json
+from .common import add_cache_arguments, context, input_record
 
 FIRMWARE_MEMBERS = ("usr/share/ovmf/OVMF.tdx.fd", "usr/share/ovmf/OVMF.fd", "usr/share/qemu/OVMF.fd")
 
