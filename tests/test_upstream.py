@@ -17,9 +17,9 @@ import pytest
 
 from tdx_rules import settings
 from tests.conftest import scons, stages_run, write_project
-from tests.upstream_fixture import (ALPINE_HOST, KERNEL, OLD_KERNEL, OVMF_DEB, PPA_ROOT, UBUNTU_ROOT,  # noqa: F401
-                                    alpine_tarball, drop_stanza, gz, kernel_packages, packages_index,
-                                    upstream_mirror, upstream_tree, xz)
+from tests.upstream_fixture import (KERNEL, OLD_KERNEL, OVMF_DEB, UBUNTU_ROOT, alpine_tarball, drop_stanza, gz,
+                                    kernel_packages, packages_index, xz)
+from tests.upstream_fixture import upstream_mirror, upstream_tree  # noqa: F401  (fixtures)
 
 OPTIONS = "cmdline='console=ttyS0 panic=-1'"  # everything else: the defaults
 RELEASE = "6.8.0-55-generic"
@@ -104,8 +104,8 @@ def test_default_upstreams_build_a_complete_image(project, upstream_mirror, tmp_
          served[tree.url(rel)]) for name, rel in kernel_packages(KERNEL)]
     assert {r["spec"] for r in inputs["kernel"]} == {"ubuntu-kernel:6.8.0-55.57"}
     assert [(r["origin"], r["sha256"], r["member"]) for r in inputs["ovmf"]] == [
-        ("https://ppa.launchpadcontent.net/kobuk-team/tdx-release/ubuntu/pool/main/e/edk2/"
-         "ovmf_2024.02-3+tdx1.0_all.deb", served[tree.url(OVMF_DEB)], "usr/share/ovmf/OVMF.fd")]
+        (("https://ppa.launchpadcontent.net/kobuk-team/tdx-release/ubuntu/pool/main/e/edk2/"
+          "ovmf_2024.02-3+tdx1.0_all.deb"), served[tree.url(OVMF_DEB)], "usr/share/ovmf/OVMF.fd")]
     text = json.dumps(manifest)
     assert "127.0.0.1" not in text and str(tmp_path) not in text
 

@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from typing import Dict, List, Tuple
 
 import pytest
 
@@ -65,7 +64,7 @@ def alpine_tarball(version: str) -> str:
     return f"{ALPINE_HOST}/alpine/v{major}/releases/x86_64/alpine-minirootfs-{version}-x86_64.tar.gz"
 
 
-def kernel_packages(version: str) -> List[Tuple[str, str]]:
+def kernel_packages(version: str) -> list[tuple[str, str]]:
     """(package, host/path of its .deb) of the three packages of ``ubuntu-kernel:<version>``."""
     base = version.rsplit(".", 1)[0]
     release = f"{base}-generic"
@@ -120,9 +119,9 @@ class UpstreamTree:
     root: str
     vmlinuz: bytes
     ovmf_fd: bytes
-    plain_indexes: Dict[str, bytes]  # host/path of Packages.xz -> its uncompressed text
+    plain_indexes: dict[str, bytes]  # host/path of Packages.xz -> its uncompressed text
 
-    def files(self) -> List[str]:
+    def files(self) -> list[str]:
         out = []
         for top, _, names in os.walk(self.root):
             out += [os.path.relpath(os.path.join(top, n), self.root) for n in names]
@@ -151,7 +150,8 @@ def _build_alpine(root: str, version: str, busybox: bytes, musl: bytes) -> None:
     rel = alpine_tarball(version)
     path = os.path.join(root, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    passwd = b"root:x:0:0:root:/root:/bin/sh\nbin:x:1:1:bin:/bin:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n"
+    passwd = (b"root:x:0:0:root:/root:/bin/sh\nbin:x:1:1:bin:/bin:/sbin/nologin\n"
+              b"nobody:x:65534:65534:nobody:/:/sbin/nologin\n")
     os_release = (f'NAME="Alpine Linux"\nID=alpine\nVERSION_ID={version}\n'
                   f'PRETTY_NAME="Alpine Linux v{version.rsplit(".", 1)[0]}"\n').encode()
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gzfile, \
@@ -185,12 +185,12 @@ def _build_alpine(root: str, version: str, busybox: bytes, musl: bytes) -> None:
 
 # --- Ubuntu kernel --------------------------------------------------------------
 
-def _control(fields: List[Tuple[str, str]]) -> bytes:
+def _control(fields: list[tuple[str, str]]) -> bytes:
     return "".join(f"{k}: {v}\n" for k, v in fields).encode()
 
 
-def _build_deb(work: str, name: str, control: List[Tuple[str, str]], files: Dict[str, Tuple[bytes, int]],
-               symlinks: Dict[str, str], out: str) -> None:
+def _build_deb(work: str, name: str, control: list[tuple[str, str]], files: dict[str, tuple[bytes, int]],
+               symlinks: dict[str, str], out: str) -> None:
     """``dpkg-deb --build -Zzstd`` of a tree with ``files`` {path: (bytes, mode)} and ``symlinks``."""
     stage = os.path.join(work, name)
     shutil.rmtree(stage, ignore_errors=True)
@@ -216,8 +216,8 @@ def _zstd_module(path_xz: str) -> bytes:
     return _run(["zstd", "-q", "-c", "-19"], input=plain).stdout
 
 
-def _build_kernel(root: str, work: str, version: str, vmlinuz: bytes, modules: Dict[str, bytes],
-                  extra: Dict[str, bytes], builtin: bytes, order: bytes, config: bytes) -> None:
+def _build_kernel(root: str, work: str, version: str, vmlinuz: bytes, modules: dict[str, bytes],
+                  extra: dict[str, bytes], builtin: bytes, order: bytes, config: bytes) -> None:
     base, _ = version.rsplit(".", 1)
     release = f"{base}-generic"
     (image, image_deb), (mods, mods_deb), (extra_name, extra_deb) = kernel_packages(version)
@@ -227,8 +227,8 @@ def _build_kernel(root: str, work: str, version: str, vmlinuz: bytes, modules: D
     _build_deb(work, image, [("Package", image)] + common + [
         ("Depends", f"{mods}"), ("Section", "kernel"), ("Priority", "optional"),
         ("Provides", "linux-image, fuse-module, kvm-api-4, virtualbox-guest-modules"),
-        ("Description", f"Linux kernel image for version {base} on 64 bit x86 SMP\n"
-                        " This package contains the unsigned Linux kernel image for version 6.8.0.")],
+        ("Description", (f"Linux kernel image for version {base} on 64 bit x86 SMP\n"
+                         " This package contains the unsigned Linux kernel image for version 6.8.0."))],
         {f"boot/vmlinuz-{release}": (vmlinuz, 0o600)}, {}, os.path.join(root, image_deb))
     files = {f"{moddir}/kernel/{rel}.ko.zst": (data, 0o644) for rel, data in modules.items()}
     files.update({f"{moddir}/modules.builtin": (builtin, 0o644), f"{moddir}/modules.order": (order, 0o644),
@@ -260,7 +260,8 @@ def _scan(files: str, work: str, pool: str, debs) -> bytes:
 
 def _publish(root: str, index_root: str, suite: str, plain: bytes, suffixes=(".xz", ".gz")) -> None:
     for suffix in suffixes:
-        _write(os.path.join(root, packages_index(index_root, suite, suffix)), xz(plain) if suffix == ".xz" else gz(plain))
+        data = xz(plain) if suffix == ".xz" else gz(plain)
+        _write(os.path.join(root, packages_index(index_root, suite, suffix)), data)
 
 
 # --- the whole tree -------------------------------------------------------------
@@ -304,10 +305,11 @@ def build_tree(root: str) -> UpstreamTree:
 
     ovmf_fd = _deb_member(debian.package("ovmf"), "usr/share/ovmf/OVMF.fd")
     _build_deb(work, "ovmf", [("Package", "ovmf"), ("Source", "edk2"), ("Version", OVMF_VERSION),
-                              ("Architecture", "all"), ("Maintainer", "Ubuntu Developers <ubuntu-devel-discuss@lists.ubuntu.com>"),
+                              ("Architecture", "all"),
+                              ("Maintainer", "Ubuntu Developers <ubuntu-devel-discuss@lists.ubuntu.com>"),
                               ("Section", "misc"), ("Priority", "optional"), ("Multi-Arch", "foreign"),
-                              ("Description", "UEFI firmware for 64-bit x86 virtual machines\n"
-                                              " Open Virtual Machine Firmware, built with Intel TDX support.")],
+                              ("Description", ("UEFI firmware for 64-bit x86 virtual machines\n"
+                                               " Open Virtual Machine Firmware, built with Intel TDX support."))],
                {"usr/share/ovmf/OVMF.fd": (ovmf_fd, 0o644),
                 "usr/share/doc/ovmf/README.Debian": (b"OVMF for TDX guests.\n", 0o644)},
                {"usr/share/qemu/OVMF.fd": "../ovmf/OVMF.fd"}, os.path.join(files, OVMF_DEB))
