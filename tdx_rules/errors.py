@@ -14,3 +14,15 @@ class TdxError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split("\n")))
+
+
+class NotFound(TdxError):
+    """The server answered 404 or 410: the file is not there (not a transient failure)."""
+
+
+class ChecksumMismatch(TdxError):
+    """Downloaded bytes do not have the expected SHA-256."""
+
+
+class BadChecksumFile(TdxError):
+    """An upstream checksum file is malformed or does not list the expected file."""

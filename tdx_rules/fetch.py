@@ -35,7 +35,7 @@ import requests
 import urllib3
 import zstandard
 
-from .errors import TdxError
+from .errors import BadChecksumFile, ChecksumMismatch, NotFound, TdxError
 from .fsutil import CHUNK, atomic_output
 
 MAX_REDIRECTS = 10
@@ -140,6 +140,9 @@ def _attempt(url: str, dest: str, sha256: Optional[str], timeout: float, shown: 
             if status == 429 or status >= 500:
                 after = response.headers.get("Retry-After", "")
                 raise _Transient(f"HTTP {status}", float(after) if after.isdigit() else None)
+            if status in (404, 410):
+                raise NotFound(f"{shown}: HTTP {status} {response.reason or ''}".rstrip()
+                               + "; check the URL and version (the file may have been removed upstream)")
             if status != 200:
                 raise TdxError(f"{shown}: HTTP {status} {response.reason or ''}".rstrip()
                                + "; check the URL and version (the file may have been removed upstream)")
@@ -163,7 +166,7 @@ def _attempt(url: str, dest: str, sha256: Optional[str], timeout: float, shown: 
                     raise _Transient(f"body ended after {got} of {expected} bytes")
                 actual = digest.hexdigest()
                 if sha256 is not None and actual != sha256:
-                    raise TdxError(f"{shown}: checksum mismatch: expected sha256 {sha256}, got {actual}; "
+                    raise ChecksumMismatch(f"{shown}: checksum mismatch: expected sha256 {sha256}, got {actual}; "
                                    "the upstream file changed or the pin is wrong, so check the source and fix the pin")
 
 
@@ -250,21 +253,31 @@ def fetch(url: str, sha256: str, *, cache: str, mirror: Optional[str] = None, na
     return dest
 
 
+def _text_path(url: str, cache: str, name: Optional[str] = None) -> str:
+    key = hashlib.sha256(url.encode("utf-8")).hexdigest()
+    return os.path.join(os.fspath(cache), "url", key, _basename(url, name))
+
+
+def is_text_cached(url: str, *, cache: str, name: Optional[str] = None) -> bool:
+    """Whether :func:`fetch_text` would answer ``url`` from the cache."""
+    return os.path.isfile(_text_path(url, cache, name))
+
+
 def fetch_text(url: str, *, cache: str, mirror: Optional[str] = None, name: Optional[str] = None,
                retries: int = 4, timeout: float = 30, backoff: float = 0.5,
-               log: Callable[[str], None] = print) -> bytes:
+               log: Callable[[str], None] = print, refresh: bool = False) -> bytes:
     """Bytes of a small unpinned file (checksum file, Packages index), cached by URL.
 
-    Kept at ``<cache>/url/<sha256 of url>/<basename>`` and reused when present, as
-    named upstream releases do not change. Same atomic/lock/retry rules as
-    :func:`fetch`; nothing is decompressed.
+    Kept at ``<cache>/url/<sha256 of url>/<basename>`` and reused when present
+    (offline builds work from a filled cache); ``refresh=True`` downloads it again
+    and replaces the cached copy, for callers that found the cached copy stale.
+    Same atomic/lock/retry rules as :func:`fetch`; nothing is decompressed.
     """
-    key = hashlib.sha256(url.encode("utf-8")).hexdigest()
-    directory = os.path.join(os.fspath(cache), "url", key)
-    dest = os.path.join(directory, _basename(url, name))
-    if not os.path.isfile(dest):
+    dest = _text_path(url, cache, name)
+    directory, key = os.path.dirname(dest), os.path.basename(os.path.dirname(dest))
+    if refresh or not os.path.isfile(dest):
         with _locked(os.fspath(cache), "url-" + key):
-            if not os.path.isfile(dest):
+            if refresh or not os.path.isfile(dest):
                 try:
                     _download(url, dest, None, mirror=mirror, retries=retries, timeout=timeout, backoff=backoff,
                               log=log)
@@ -329,17 +342,17 @@ def alpine_sha256(text: str, filename: str) -> str:
     """The hash for ``filename`` in an Alpine ``.sha256`` file (``<hex>  <filename>`` lines)."""
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
-        raise TdxError(f"{filename}.sha256 is empty; the release may be incomplete upstream, pick another version")
+        raise BadChecksumFile(f"{filename}.sha256 is empty; the release may be incomplete upstream, pick another version")
     listed = []
     for line in lines:
         parts = line.split()
         if len(parts) != 2 or not _HEX64.match(parts[0].lower()):
-            raise TdxError(f"{filename}.sha256: malformed line {line[:80]!r}; expected '<sha256>  {filename}' "
+            raise BadChecksumFile(f"{filename}.sha256: malformed line {line[:80]!r}; expected '<sha256>  {filename}' "
                            "(is a proxy or mirror returning an error page?)")
         listed.append(parts[1].lstrip("*").rsplit("/", 1)[-1])
         if listed[-1] == filename:
             return parts[0].lower()
-    raise TdxError(f"{filename}.sha256 lists {', '.join(listed)} instead of {filename}; "
+    raise BadChecksumFile(f"{filename}.sha256 lists {', '.join(listed)} instead of {filename}; "
                    "check the version in the alpine: spec")
 
 

@@ -17,7 +17,7 @@ import re
 import subprocess
 from typing import List, Optional
 
-from .errors import TdxError
+from .errors import BadChecksumFile, ChecksumMismatch, NotFound, TdxError
 
 ALPINE_URL = "https://dl-cdn.alpinelinux.org/alpine/v{major}/releases/x86_64/alpine-minirootfs-{version}-x86_64.tar.gz"
 UBUNTU_ARCHIVE = "https://archive.ubuntu.com/ubuntu"
@@ -145,22 +145,54 @@ class Context:
 
 
 def _index_sha256(ctx: Context, base: str, suites, package: str, version: str, what: str) -> str:
-    """SHA-256 of package=version from the suites' Packages indexes, as apt finds it."""
+    """SHA-256 of package=version from the suites' Packages indexes, as apt finds it.
+
+    Cached indexes are searched first (offline builds work from a filled cache);
+    when none lists the package, the indexes that came from the cache are fetched
+    once more, because suite indexes change upstream. Only a missing index (404)
+    is skipped; any other failure to read one stops with its own message.
+    """
     from . import fetch
 
-    for suite in suites:
-        for index_name in ("Packages.xz", "Packages.gz"):
-            url = f"{base}/dists/{suite}/main/binary-amd64/{index_name}"
-            try:
-                data = fetch.fetch_text(url, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
-            except TdxError:
-                continue
-            found = fetch.packages_index_sha256(data, index_name, package, version)
-            if found:
-                return found
+    stale = []
+    for refresh in (False, True):
+        for suite in suites:
+            for index_name in ("Packages.xz", "Packages.gz"):
+                url = f"{base}/dists/{suite}/main/binary-amd64/{index_name}"
+                if refresh and url not in stale:
+                    continue
+                was_cached = fetch.is_text_cached(url, cache=ctx.cache)
+                try:
+                    data = fetch.fetch_text(url, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, refresh=refresh)
+                except NotFound:
+                    continue
+                if was_cached and not refresh:
+                    stale.append(url)
+                found = fetch.packages_index_sha256(data, index_name, package, version)
+                if found:
+                    return found
+                break  # this suite's index was read and does not list the package
+        if not stale:
             break
     raise TdxError(f"{what}: {package} {version} is not listed in the Packages index of {base} "
                    f"({', '.join(suites)}), so its checksum cannot be verified; pin it as https://…#sha256=HEX")
+
+
+def _alpine(spec: Spec, ctx: Context) -> "Resolved":
+    """The minirootfs, verified against Alpine's .sha256 file (fetched again once if the cached one is stale)."""
+    from . import fetch
+
+    filename = spec.url.rsplit("/", 1)[1]
+    for refresh in (False, True):
+        text = fetch.fetch_text(spec.url + ".sha256", cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, refresh=refresh)
+        try:
+            sha = fetch.alpine_sha256(text.decode("utf-8", "replace"), filename)
+            path = fetch.fetch(spec.url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+        except (ChecksumMismatch, BadChecksumFile):
+            if refresh:
+                raise
+            continue
+        return Resolved(spec.text, path, sha, spec.url)
 
 
 def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved]:
@@ -181,10 +213,7 @@ def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved
         path = fetch.fetch(spec.url, spec.sha256, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
         return [Resolved(spec.text, path, spec.sha256, spec.url)]
     if spec.kind == "alpine":
-        text = fetch.fetch_text(spec.url + ".sha256", cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
-        sha = fetch.alpine_sha256(text.decode("utf-8", "replace"), spec.url.rsplit("/", 1)[1])
-        path = fetch.fetch(spec.url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
-        return [Resolved(spec.text, path, sha, spec.url)]
+        return [_alpine(spec, ctx)]
     if spec.kind == "ubuntu-kernel":
         out = []
         for package, version, url in ubuntu_kernel_debs(spec.version):
