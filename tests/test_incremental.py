@@ -88,3 +88,19 @@ def test_extra_file_content_change_reruns_cpio_finalize(built):
 def test_skip_variable_skips_the_image_and_says_so(built):
     result = scons(built, env={"TDX_IMAGE_SKIP": "1"})
     assert "skipped" in result.stdout and stages_run(result) == set()
+
+
+def test_manifest_lists_every_output_with_its_hash_and_the_bundled_modules(built):
+    import hashlib
+
+    out = os.path.join(built, "build", "tdx", "hello")
+    manifest = json.load(open(os.path.join(out, "hello-manifest.json")))
+    listed = {entry["path"]: entry for entry in manifest["outputs"]}
+    assert set(listed) == {"hello-initramfs.cpio.gz", "hello-vmlinuz", "hello-ovmf.fd", "hello-launch-tdx.sh",
+                           "hello-run-qemu.sh"}
+    for name, entry in listed.items():
+        data = open(os.path.join(out, name), "rb").read()
+        assert entry == {"path": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    assert {"tdx_guest", "vsock", "tsm"} <= {m["name"] for m in manifest["inputs"]["modules"]}
+    assert manifest["inputs"]["program"][0]["sha256"] == hashlib.sha256(open(os.path.join(built, "hello"), "rb").read()).hexdigest()
+    assert built not in json.dumps(manifest)

@@ -17,7 +17,9 @@ def build_manifest(config: dict, infos, files, outputs, out: str) -> None:
     for info_path in infos:
         stage = os.path.basename(info_path).split(".")[0]
         with open(info_path, encoding="utf-8") as handle:
-            inputs[stage] = json.load(handle).get("inputs", [])
+            info = json.load(handle)
+        # The modules stage lists what it bundled; the fetching stages list their inputs.
+        inputs[stage] = info.get("inputs", info.get("bundled", []))
     for label, path in files:
         inputs.setdefault(label, []).append({"file": os.path.basename(path), "sha256": sha256_file(path)})
     manifest = {
