@@ -16,21 +16,25 @@ file's bytes from DataOffset on, MemoryDataSize of them.  Sections with the
 PAGE_AUG attribute (td-shim PermMem) are not added at build time and leave no
 record.  What differs between hypervisor stacks is the order *within* a section:
 
-``two-pass``  QEMU 8.x TDX trees (e.g. Canonical's 8.2.2 for Ubuntu 24.04):
-              every page of the section is added, then every page of it is
-              extended.
-``interleaved``  QEMU 9 and later with upstream KVM: each page is added and
-              then extended before the next page.
+``two-pass``  QEMU 8.x TDX trees (the tdx-qemu-upstream-v5 series that Canonical's
+              8.2.2 for Ubuntu 24.04 carries): per section, KVM_MEMORY_MAPPING
+              adds every page, then KVM_TDX_EXTEND_MEMORY extends every page of
+              that same section; then the next section.  It is *not* "all
+              sections added, then all extended".
+``interleaved``  QEMU 9 and later, including upstream QEMU's TDX support with
+              upstream KVM (KVM_TDX_INIT_MEM_REGION with the measure flag):
+              each page is added and then extended before the next page.
 
 The same firmware therefore has two MRTDs; ask for the one of the host's QEMU.
 The firmware is streamed; only one read chunk is in memory at a time.
 """
 
+from __future__ import annotations
+
 import hashlib
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import List
 
 from tdx_rules.errors import TdxError
 from tdx_rules.measure.tdvf import PAGE_SIZE, open_firmware, parse_open
@@ -65,7 +69,7 @@ class MrtdResult:
     mrtd: str  # 96 lowercase hex digits
     order: str  # "two-pass" or "interleaved"
     path: str
-    transcript: List[dict] = field(default_factory=list)
+    transcript: list[dict] = field(default_factory=list)
 
     def describe(self) -> str:
         """A human-readable breakdown, one line per section, then the MRTD."""

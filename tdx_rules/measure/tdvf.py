@@ -27,12 +27,13 @@ Only the tail of the image and the descriptor are read here; the section
 bytes are streamed later by :mod:`tdx_rules.measure.mrtd`.
 """
 
+from __future__ import annotations
+
 import os
 import stat
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 from tdx_rules.errors import TdxError
 
@@ -105,7 +106,7 @@ class TdvfSection:
 
     @property
     def type_name(self) -> str:
-        return SECTION_TYPE_NAMES.get(self.type, f"type{self.type}")
+        return SECTION_TYPE_NAMES.get(self.type, f"type-{self.type}")
 
     @property
     def mr_extend(self) -> bool:
@@ -122,12 +123,12 @@ class TdvfSection:
         return self.memory_data_size // PAGE_SIZE
 
     @property
-    def file_range(self) -> Tuple[int, int]:
+    def file_range(self) -> tuple[int, int]:
         """[start, end) of the section's bytes in the firmware file (empty when it has none)."""
         return self.data_offset, self.data_offset + self.raw_data_size
 
     @property
-    def memory_range(self) -> Tuple[int, int]:
+    def memory_range(self) -> tuple[int, int]:
         """[start, end) guest-physical range of the section."""
         return self.memory_address, self.memory_address + self.memory_data_size
 
@@ -148,9 +149,9 @@ class TdvfMetadata:
     descriptor_offset: int  # file offset of the "TDVF" signature
     locator: str  # "guid-table" or "legacy"
     version: int
-    sections: Tuple[TdvfSection, ...]
+    sections: tuple[TdvfSection, ...]
 
-    def by_type(self, type_name: str) -> Tuple[TdvfSection, ...]:
+    def by_type(self, type_name: str) -> tuple[TdvfSection, ...]:
         return tuple(s for s in self.sections if s.type_name == type_name)
 
 
@@ -168,7 +169,7 @@ def parse_tdvf(path) -> TdvfMetadata:
 def open_firmware(path):
     """Open ``path`` for reading as a firmware image, or raise TdxError."""
     try:
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
     except FileNotFoundError:
         raise TdxError(f"firmware {path} does not exist: give the path of an OVMF.fd built with TDX support") from None
     except IsADirectoryError:
@@ -269,7 +270,7 @@ def _locate_descriptor(handle, path, size, tail_bytes):
                    "or it is truncated; use the complete OVMF.fd of an OVMF built with TDX support")
 
 
-def _find_in_guid_table(path, size, footer_at, tail_bytes) -> Optional[int]:
+def _find_in_guid_table(path, size, footer_at, tail_bytes) -> int | None:
     table_end = footer_at - 2  # entries end where the table length field starts
     (total,) = struct.unpack("<H", tail_bytes(table_end, 2))
     if total < ENTRY_TRAILER or total - ENTRY_TRAILER > table_end:
@@ -304,7 +305,7 @@ def _find_in_guid_table(path, size, footer_at, tail_bytes) -> Optional[int]:
     return None
 
 
-def _legacy_offset(handle, path, size, tail_bytes) -> Optional[int]:
+def _legacy_offset(handle, path, size, tail_bytes) -> int | None:
     (offset,) = struct.unpack("<I", tail_bytes(size - LEGACY_OFFSET_FROM_END, 4))
     if offset < 16 or offset + DESCRIPTOR.size > size - LEGACY_OFFSET_FROM_END:
         return None
