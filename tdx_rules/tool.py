@@ -30,6 +30,8 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # tests/test_tool.py checks this against the modules' real imports.
 _COMMON = ("errors.py", "fsutil.py", "stages/_entry.py")
 _FETCHING = ("stages/common.py", "sources.py", "fetch.py", "debpkg.py")
+_MEASURING = ("stages/measure.py", "measure/__init__.py", "measure/profiles.py", "measure/rtmr.py",
+              "measure/mrtd.py", "measure/tdvf.py", "measure/pe.py", "measure/kernel_patch.py")
 STAGE_CODE = {
     "program": ("stages/program.py", "elf.py"),
     "minirootfs": ("stages/minirootfs.py",) + _FETCHING,
@@ -42,9 +44,12 @@ STAGE_CODE = {
     "ovmf": ("stages/ovmf.py",) + _FETCHING,
     "scripts": ("stages/scripts.py", "render.py", "settings.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
     "manifest": ("stages/manifest.py",),
+    "mrtd": _MEASURING,
+    "rtmr1": _MEASURING,
+    "rtmr2": _MEASURING,
 }
-# The stages "finalize" stands for in the docs: compression, scripts, manifest.
-FINALIZE = ("compress", "scripts", "manifest")
+# The stages "finalize" stands for in the docs: compression, measurements, scripts, manifest.
+FINALIZE = ("compress", "mrtd", "rtmr1", "rtmr2", "scripts", "manifest")
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -251,8 +256,8 @@ def tdx_image(env, name, binary=None, **options):
                   f"{_python('cpio')} --config ${{SOURCES[0]}} --program ${{SOURCES[1]}} --fragment ${{SOURCES[2]}} "
                   f"--fragment ${{SOURCES[3]}} --fragment ${{SOURCES[4]}} --out $TARGET")
     stage_targets["cpio"] = cpio
-    initrd = _stage(env, "compress", name, [out.File(f"{name}-initramfs.cpio.gz")], cpio,
-                    f"{_python('compress')} $SOURCE $TARGET")
+    initrd = _stage(env, "compress", name, [out.File(f"{name}-initramfs.cpio.gz"), work.File("initramfs.size")], cpio,
+                    f"{_python('compress')} --size-file ${{TARGETS[1]}} $SOURCE ${{TARGETS[0]}}")
 
     # firmware
     spec, deps = _spec_inputs(env, values["ovmf"] or sources.canonical_ovmf_spec(values["ovmf_version"]), "ovmf")
@@ -260,6 +265,27 @@ def tdx_image(env, name, binary=None, **options):
     ovmf = _stage(env, "ovmf", name, [out.File(f"{name}-ovmf.fd"), work.File("ovmf.info.json")], [cfg] + deps,
                   f"{_python('ovmf')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} --info ${{TARGETS[1]}} {_CACHE_ARGS}")
     stage_targets["ovmf"] = ovmf
+
+    # measurements
+    from .measure.kernel_patch import vga_word
+    from .measure.profiles import profile_for
+
+    try:
+        profile_for(values["qemu_version"], values["ovmf_version"])
+    except TdxError as error:
+        _user_error(where, error)
+    measured = {}
+    for register, source, extra in (("mrtd", ovmf[0], {}), ("rtmr1", kernel[0], {"vga": vga_word(values["cmdline"])}),
+                                    ("rtmr2", initrd[0], {})):
+        cfg = config(register, **extra)
+        size = [initrd[1]] if register == "rtmr1" else []
+        size_arg = " --initrd-size-file ${SOURCES[2]}" if size else ""
+        measured[register] = _stage(
+            env, register, name, [out.File(f"{name}-{register}.hex"), work.File(f"{register}.json")],
+            [cfg, source] + size,
+            f"{_python('measure')} {register} --config ${{SOURCES[0]}} --input ${{SOURCES[1]}}{size_arg} "
+            f"--out ${{TARGETS[0]}} --transcript ${{TARGETS[1]}}")
+    stage_targets["measure"] = [measured[r][0] for r in ("mrtd", "rtmr1", "rtmr2")]
 
     # scripts
     cfg = config("scripts", name=name)
@@ -273,18 +299,23 @@ def tdx_image(env, name, binary=None, **options):
                      f"--initrd ${{SOURCES[3]}} --launch ${{TARGETS[0]}}{runner}")
 
     # manifest
-    finals = [initrd[0], kernel[0], ovmf[0]] + list(scripts)
+    finals = [initrd[0], kernel[0], ovmf[0]] + list(scripts) + [measured[r][0] for r in ("mrtd", "rtmr1", "rtmr2")]
+    transcripts = [measured[r][1] for r in ("mrtd", "rtmr1", "rtmr2")]
     cfg = _config(env, work, "manifest", {"name": name, "settings": values})
     infos = [minirootfs[1], kernel[1], modules[1], ovmf[1]]
     file_args = " ".join(f"--file extra:{guest.lstrip('/')}=${{SOURCES[{6 + i}]}}" for i, guest in enumerate(sorted(extra)))
-    manifest = _stage(env, "manifest", name, [out.File(f"{name}-manifest.json")], [cfg] + infos + [binary_node] + extra_nodes + finals,
+    first_output = 6 + len(extra_nodes)
+    first_transcript = first_output + len(finals)
+    manifest = _stage(env, "manifest", name, [out.File(f"{name}-manifest.json")],
+                      [cfg] + infos + [binary_node] + extra_nodes + finals + transcripts,
                       f"{_python('manifest')} --config ${{SOURCES[0]}} "
                       + " ".join(f"--info ${{SOURCES[{i + 1}]}}" for i in range(len(infos)))
                       + " --file program=${SOURCES[5]} " + file_args + " "
-                      + " ".join(f"--output ${{SOURCES[{6 + len(extra_nodes) + i}]}}" for i in range(len(finals)))
+                      + " ".join(f"--output ${{SOURCES[{first_output + i}]}}" for i in range(len(finals))) + " "
+                      + " ".join(f"--measurement ${{SOURCES[{first_transcript + i}]}}" for i in range(len(transcripts)))
                       + " --out $TARGET")
     finals.append(manifest[0])
-    stage_targets["finalize"] = [initrd[0]] + list(scripts) + [manifest[0]]
+    stage_targets["finalize"] = [initrd[0]] + list(scripts) + stage_targets["measure"] + [manifest[0]]
 
     env.Alias(name, finals)
     for stage, nodes in stage_targets.items():

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from tdx_rules import settings
+from tests.test_incremental import reran_for_new_initrd
 from tests.conftest import scons, stages_run, write_project
 from tests.upstream_fixture import (KERNEL, OLD_KERNEL, OVMF_DEB, UBUNTU_ROOT, alpine_tarball, drop_stanza, gz,
                                     kernel_packages, packages_index, xz)
@@ -127,7 +128,7 @@ def test_changed_alpine_release_reruns_exactly_the_minirootfs_chain(project, ups
     env = environment(upstream_mirror.url, tmp_path / "cache")
     scons(project, env=env)
     result = scons(project, env=dict(env, TDX_IMAGE_ALPINE_VERSION="3.20", TDX_IMAGE_ALPINE_MINOR="3"))
-    assert stages_run(result) == {"minirootfs", "busybox", "cpio", "compress", "scripts", "manifest"}
+    assert reran_for_new_initrd(stages_run(result), {"minirootfs", "busybox", "cpio"})
     assert upstream_mirror.count(TARBALL_320) == 1 and upstream_mirror.count(TARBALL) == 1
     assert initramfs_member(out(project, "hello-initramfs.cpio.gz"), "etc/alpine-release") == b"3.20.3\n"
     record, = json.loads(read(out(project, "hello-manifest.json")))["inputs"]["minirootfs"]

@@ -126,6 +126,13 @@ def _read_header(kernel_path):
     return header, size
 
 
+def vga_word(cmdline: str) -> str:
+    """The only part of a command line that QEMU's setup-header edit reads for a kernel
+    that loads high (``vga=…``, found as ``strstr`` finds it), or ''."""
+    at = cmdline.find("vga=")
+    return cmdline[at:].split(" ", 1)[0] if at >= 0 else ""
+
+
 def _vga_mode(cmdline):
     """QEMU's handling of "vga=" (first occurrence anywhere, as strstr finds it)."""
     at = cmdline.find("vga=")
@@ -169,11 +176,9 @@ def qemu_setup_header_patch(kernel_path, initrd_size, memory_bytes, cmdline) -> 
     loadflags = header[OFF_LOADFLAGS]
     cmdline_bytes = len(cmdline.encode("utf-8"))
     cmdline_size = (cmdline_bytes + 16) & ~15
-    if protocol < 0x200 or not loadflags & LOADED_HIGH:
+    if protocol < 0x202 or not loadflags & LOADED_HIGH:  # low, or high but ancient kernel
         real_addr, cmdline_addr = 0x90000, 0x9A000 - cmdline_size
-    elif protocol < 0x202:
-        real_addr, cmdline_addr = 0x90000, 0x9A000 - cmdline_size
-    else:
+    else:  # high and recent kernel
         real_addr, cmdline_addr = 0x10000, 0x20000
 
     if protocol >= 0x20C and struct.unpack_from("<H", header, OFF_XLOADFLAGS)[0] & XLF_CAN_BE_LOADED_ABOVE_4G:

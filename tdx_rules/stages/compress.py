@@ -2,6 +2,7 @@
 
 import argparse
 import gzip
+import os
 
 from ..fsutil import CHUNK, atomic_output
 from ._entry import run
@@ -14,13 +15,22 @@ def gzip_file(src: str, out: str, level: int = 9) -> None:
                 gz.write(chunk)
 
 
+def write_size(path: str, size_file: str) -> None:
+    """Record a file's size on its own, so RTMR[1] (which reads only the size) can depend on it."""
+    with atomic_output(size_file, "w") as out:
+        out.write(f"{os.path.getsize(path)}\n")
+
+
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.compress")
     parser.add_argument("--level", type=int, default=9)
+    parser.add_argument("--size-file", help="also write the compressed size here")
     parser.add_argument("src")
     parser.add_argument("out")
     args = parser.parse_args(argv)
     gzip_file(args.src, args.out, args.level)
+    if args.size_file:
+        write_size(args.out, args.size_file)
 
 
 if __name__ == "__main__":

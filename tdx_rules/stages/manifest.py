@@ -12,7 +12,21 @@ from ..fsutil import sha256_file, write_json
 from ._entry import load_config, run
 
 
-def build_manifest(config: dict, infos, files, outputs, out: str) -> None:
+def _measurements(transcripts) -> dict:
+    """The three registers, the launch profile and every event in measurement order."""
+    result = {"events": []}
+    for path in transcripts:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        result[data["register"]] = data["value"]
+        result["profile"] = data["profile"]
+        if data["register"] == "mrtd":
+            result["mrtd_sections"] = data["sections"]
+        result["events"] += data.get("events", [])
+    return result
+
+
+def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=()) -> None:
     inputs = {}
     for info_path in infos:
         stage = os.path.basename(info_path).split(".")[0]
@@ -29,6 +43,8 @@ def build_manifest(config: dict, infos, files, outputs, out: str) -> None:
         "outputs": [{"path": os.path.basename(p), "sha256": sha256_file(p), "size": os.path.getsize(p)}
                     for p in sorted(outputs, key=os.path.basename)],
     }
+    if transcripts:
+        manifest["measurements"] = _measurements(transcripts)
     write_json(out, manifest)
 
 
@@ -38,10 +54,11 @@ def main(argv):
     parser.add_argument("--info", action="append", default=[], help="a stage's info JSON")
     parser.add_argument("--file", action="append", default=[], help="LABEL=PATH of an input file")
     parser.add_argument("--output", action="append", default=[])
+    parser.add_argument("--measurement", action="append", default=[], help="a measurement transcript JSON")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     files = [tuple(item.split("=", 1)) for item in args.file]
-    build_manifest(load_config(args.config), args.info, files, args.output, args.out)
+    build_manifest(load_config(args.config), args.info, files, args.output, args.out, args.measurement)
 
 
 if __name__ == "__main__":
