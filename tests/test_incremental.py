@@ -104,10 +104,26 @@ def test_manifest_lists_every_output_with_its_hash_and_the_bundled_modules(built
     manifest = json.load(open(os.path.join(out, "hello-manifest.json")))
     listed = {entry["path"]: entry for entry in manifest["outputs"]}
     assert set(listed) == {"hello-initramfs.cpio.gz", "hello-vmlinuz", "hello-ovmf.fd", "hello-launch-tdx.sh",
-                           "hello-run-qemu.sh"}
+                           "hello-run-qemu.sh", "hello-mrtd.hex", "hello-rtmr1.hex", "hello-rtmr2.hex"}
     for name, entry in listed.items():
         data = open(os.path.join(out, name), "rb").read()
         assert entry == {"path": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     assert {"tdx_guest", "vsock", "tsm"} <= {m["name"] for m in manifest["inputs"]["modules"]}
     assert manifest["inputs"]["program"][0]["sha256"] == hashlib.sha256(open(os.path.join(built, "hello"), "rb").read()).hexdigest()
     assert built not in json.dumps(manifest)
+
+
+def test_changed_cmdline_reruns_only_rtmr2_scripts_and_manifest(built):
+    sconstruct = os.path.join(built, "SConstruct")
+    text = open(sconstruct).read()
+    open(sconstruct, "w").write(text.replace("cmdline='console=ttyS0 panic=-1'", "cmdline='console=ttyS0 panic=-1 quiet'"))
+    assert stages_run(scons(built)) == {"rtmr2", "scripts", "manifest"}
+
+
+def test_changed_qemu_version_reruns_only_the_measurements_and_manifest(built):
+    result = scons(built, env={"TDX_IMAGE_QEMU_VERSION": "9.2"})
+    assert stages_run(result) == {"mrtd", "rtmr1", "rtmr2", "manifest"}
+    out = os.path.join(built, "build", "tdx", "hello")
+    manifest = json.load(open(os.path.join(out, "hello-manifest.json")))
+    assert manifest["measurements"]["profile"]["mrtd_order"] == "interleaved"
+    assert open(os.path.join(out, "hello-mrtd.hex")).read().strip() == manifest["measurements"]["mrtd"]

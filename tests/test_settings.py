@@ -70,4 +70,7 @@ def test_bad_options_are_refused_with_one_line(options, message):
 def test_each_stage_reads_only_its_settings():
     values = settings.resolve({}, {})
     assert set(settings.for_stage(values, "scripts")) == {"ssh_forward", "cpus", "memory", "cmdline", "bundle_runner"}
+    assert set(settings.for_stage(values, "mrtd")) == {"qemu_version", "ovmf_version"}
+    assert set(settings.for_stage(values, "rtmr1")) == {"qemu_version", "ovmf_version", "memory"}
+    assert set(settings.for_stage(values, "rtmr2")) == {"qemu_version", "ovmf_version", "cmdline"}
     assert set(settings.for_stage(values, "init")) == {"args", "env_vars", "ssh_keys"}
