@@ -1,0 +1,7 @@
+"""``python -m tdx_rules`` runs the ``tdx-rules`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""`tdx-rules measure`: what verifiers and CI run against the files they launch."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT, scons
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "tdx_rules", *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def test_measure_agrees_with_the_values_the_image_rule_wrote(fast_project):
+    scons(fast_project)
+    out = os.path.join(fast_project, "build", "tdx", "hello")
+    result = cli("measure", "--ovmf", f"{out}/hello-ovmf.fd", "--kernel", f"{out}/hello-vmlinuz",
+                 "--initrd", f"{out}/hello-initramfs.cpio.gz", "--cmdline", "console=ttyS0 panic=-1",
+                 "--memory", "2G", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    for register in ("mrtd", "rtmr1", "rtmr2"):
+        assert data[register] == open(f"{out}/hello-{register}.hex").read().strip(), register
+    manifest = json.load(open(f"{out}/hello-manifest.json"))["measurements"]
+    assert data["events"] == manifest["events"]
+    # The initrd event is the SHA-384 of the file, computed here independently.
+    initrd_digest = hashlib.sha384(open(f"{out}/hello-initramfs.cpio.gz", "rb").read()).hexdigest()
+    assert data["events"][-1] == {"register": 2, "description": data["events"][-1]["description"],
+                                  "digest": initrd_digest}
+    assert [e["register"] for e in data["events"]] == [1] * 4 + [2] * 2
+
+
+def test_registers_without_inputs_are_left_out():
+    result = cli("measure", "--ovmf", "/usr/share/ovmf/OVMF.fd", "--json")
+    data = json.loads(result.stdout)
+    assert set(data) >= {"mrtd"} and "rtmr1" not in data and "rtmr2" not in data
+    plain = cli("measure", "--cmdline", "console=ttyS0")
+    assert plain.stdout.startswith("RTMR[2]") and len(plain.stdout.splitlines()) == 1
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "junk.fd").write_bytes(b"\0" * 4096)
+    for args in (["--ovmf", str(tmp_path / "junk.fd")], ["--kernel", "/etc/passwd"],
+                 ["--cmdline", "x", "--memory", "lots", "--kernel", "/etc/passwd"],
+                 ["--ovmf", "/nonexistent"], ["--cmdline", "x", "--qemu-version", "banana"]):
+        result = cli("measure", *args)
+        assert result.returncode == 1, args
+        assert result.stderr.startswith("tdx-rules: error: ") and len(result.stderr.splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_help_shows_an_example():
+    assert "example:" in cli("measure", "--help").stdout
