@@ -275,9 +275,10 @@ def tdx_image(env, name, binary=None, **options):
     except TdxError as error:
         _user_error(where, error)
     measured = {}
-    for register, source, extra in (("mrtd", ovmf[0], {}), ("rtmr1", kernel[0], {"vga": vga_word(values["cmdline"])}),
-                                    ("rtmr2", initrd[0], {})):
-        cfg = config(register, **extra)
+    for register, source, computed in (("mrtd", ovmf[0], {}),
+                                       ("rtmr1", kernel[0], {"vga": vga_word(values["cmdline"])}),
+                                       ("rtmr2", initrd[0], {})):
+        cfg = config(register, **computed)
         size = [initrd[1]] if register == "rtmr1" else []
         size_arg = " --initrd-size-file ${SOURCES[2]}" if size else ""
         measured[register] = _stage(
@@ -302,18 +303,16 @@ def tdx_image(env, name, binary=None, **options):
     finals = [initrd[0], kernel[0], ovmf[0]] + list(scripts) + [measured[r][0] for r in ("mrtd", "rtmr1", "rtmr2")]
     transcripts = [measured[r][1] for r in ("mrtd", "rtmr1", "rtmr2")]
     cfg = _config(env, work, "manifest", {"name": name, "settings": values})
-    infos = [minirootfs[1], kernel[1], modules[1], ovmf[1]]
-    file_args = " ".join(f"--file extra:{guest.lstrip('/')}=${{SOURCES[{6 + i}]}}" for i, guest in enumerate(sorted(extra)))
-    first_output = 6 + len(extra_nodes)
-    first_transcript = first_output + len(finals)
-    manifest = _stage(env, "manifest", name, [out.File(f"{name}-manifest.json")],
-                      [cfg] + infos + [binary_node] + extra_nodes + finals + transcripts,
-                      f"{_python('manifest')} --config ${{SOURCES[0]}} "
-                      + " ".join(f"--info ${{SOURCES[{i + 1}]}}" for i in range(len(infos)))
-                      + " --file program=${SOURCES[5]} " + file_args + " "
-                      + " ".join(f"--output ${{SOURCES[{first_output + i}]}}" for i in range(len(finals))) + " "
-                      + " ".join(f"--measurement ${{SOURCES[{first_transcript + i}]}}" for i in range(len(transcripts)))
-                      + " --out $TARGET")
+    manifest_sources, manifest_args = [cfg], []
+    for template, node in ([("--info {}", info) for info in (minirootfs[1], kernel[1], modules[1], ovmf[1])]
+                           + [("--file program={}", binary_node)]
+                           + [(f"--file extra:{guest.lstrip('/')}={{}}", node) for guest, node in zip(extra, extra_nodes)]
+                           + [("--output {}", node) for node in finals]
+                           + [("--measurement {}", node) for node in transcripts]):
+        manifest_args.append(template.format(f"${{SOURCES[{len(manifest_sources)}]}}"))
+        manifest_sources.append(node)
+    manifest = _stage(env, "manifest", name, [out.File(f"{name}-manifest.json")], manifest_sources,
+                      f"{_python('manifest')} --config ${{SOURCES[0]}} {' '.join(manifest_args)} --out $TARGET")
     finals.append(manifest[0])
     stage_targets["finalize"] = [initrd[0]] + list(scripts) + stage_targets["measure"] + [manifest[0]]
 

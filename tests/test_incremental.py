@@ -5,6 +5,7 @@ Real scons runs in subprocesses on a temporary project; the progress lines
 """
 
 import base64
+import hashlib
 import json
 import os
 
@@ -90,6 +91,8 @@ def test_extra_file_content_change_reruns_cpio_finalize(built):
         handle.write("two\n")
     assert reran_for_new_initrd(stages_run(scons(built)), {"cpio"})
     assert stages_run(scons(built)) == set()
+    manifest = json.load(open(os.path.join(built, "build", "tdx", "hello", "hello-manifest.json")))
+    assert manifest["inputs"]["extra:etc/motd"] == [{"file": "motd", "sha256": hashlib.sha256(b"two\n").hexdigest()}]
 
 
 def test_skip_variable_skips_the_image_and_says_so(built):
@@ -98,8 +101,6 @@ def test_skip_variable_skips_the_image_and_says_so(built):
 
 
 def test_manifest_lists_every_output_with_its_hash_and_the_bundled_modules(built):
-    import hashlib
-
     out = os.path.join(built, "build", "tdx", "hello")
     manifest = json.load(open(os.path.join(out, "hello-manifest.json")))
     listed = {entry["path"]: entry for entry in manifest["outputs"]}
