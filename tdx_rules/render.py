@@ -18,6 +18,22 @@ from .errors import TdxError
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
 
+def check_text(what: str, value, multiline: bool = True) -> str:
+    """``value`` as text that can reach a program: no NUL, valid Unicode, one line unless ``multiline``."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TdxError(f"{what}: expected a string, got {value!r}")
+    text = str(value)
+    if "\0" in text:
+        raise TdxError(f"{what}: {text!r} contains a NUL byte, which cannot be passed to a program: remove it")
+    if not multiline and ("\n" in text or "\r" in text):
+        raise TdxError(f"{what}: {text!r} contains a line break: use a single line")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TdxError(f"{what}: {text!r} is not valid Unicode text: fix its encoding") from None
+    return text
+
+
 def sh_quote(value) -> str:
     """One POSIX shell word whose value is ``value`` (a string or an int)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):

@@ -1,13 +1,20 @@
 """Argument and record helpers shared by the stage entry points."""
 
+import argparse
 import os
 
 from ..sources import Context, Resolved
 
 
-def add_cache_arguments(parser) -> None:
+def fetching_stage_arguments(prog: str, argv):
+    """The arguments every fetching stage takes: its config, output, info record, cache and mirror."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--info", required=True)
     parser.add_argument("--cache", required=True, help="download cache directory")
     parser.add_argument("--mirror", default="", help="mirror prefix for upstream URLs")
+    return parser.parse_args(argv)
 
 
 def context(args) -> Context:

@@ -21,7 +21,7 @@ import struct
 
 from .. import newc
 from ..errors import TdxError
-from ..render import render, static
+from ..render import check_text, render, static
 from ._entry import load_config, run
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -45,23 +45,8 @@ _DIRECTORIES = (("dev", 0o755), ("etc", 0o755), ("proc", 0o555), ("root", 0o700)
                 ("run", 0o755), ("sys", 0o555), ("tmp", 0o1777))
 
 
-def _text(what: str, value, multiline: bool = True) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise TdxError(f"{what}: expected a string, got {value!r}")
-    text = str(value)
-    if "\0" in text:
-        raise TdxError(f"{what}: {text!r} contains a NUL byte, which cannot be passed to a program: remove it")
-    if not multiline and ("\n" in text or "\r" in text):
-        raise TdxError(f"{what}: {text!r} contains a line break: use a single line")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise TdxError(f"{what}: {text!r} is not valid Unicode text: fix its encoding") from None
-    return text
-
-
 def check_program(program) -> str:
-    text = _text("program", program)
+    text = check_text("program", program)
     if not text.startswith("/"):
         raise TdxError(f"program {text!r} is not an absolute guest path: write it like /usr/bin/{text or 'app'}")
     return text
@@ -73,7 +58,7 @@ def check_args(args):
         return None
     if not isinstance(args, (list, tuple)):
         raise TdxError(f"args: expected a list of strings or None, got {args!r}")
-    return [_text(f"args[{index}]", arg) for index, arg in enumerate(args)]
+    return [check_text(f"args[{index}]", arg) for index, arg in enumerate(args)]
 
 
 def check_env_vars(env_vars):
@@ -87,7 +72,7 @@ def check_env_vars(env_vars):
         if not isinstance(key, str) or not ENV_NAME.fullmatch(key):
             raise TdxError(f"env_vars: {key!r} is not a valid variable name: use letters, digits and _ "
                            f"and do not start with a digit")
-        pairs.append((key, _text(f"env_vars[{key!r}]", value)))
+        pairs.append((key, check_text(f"env_vars[{key!r}]", value)))
     return sorted(pairs)
 
 
@@ -144,7 +129,7 @@ def build_entries(config: dict):
     for key in ("name", "program"):
         if key not in config:
             raise TdxError(f"init config: the key {key!r} is missing: regenerate the config with the TdxImage rule")
-    name = _text("name", config["name"])
+    name = check_text("name", config["name"])
     program = check_program(config["program"])
     args = check_args(config.get("args"))
     env_vars = check_env_vars(config.get("env_vars"))

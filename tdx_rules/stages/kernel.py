@@ -11,7 +11,6 @@ Outputs: the kernel (``<name>-vmlinuz``) and ``kernel.json`` with the release
 and the modules tree for the modules stage.
 """
 
-import argparse
 import hashlib
 import os
 import re
@@ -25,7 +24,7 @@ from ..errors import TdxError
 from ..fsutil import copy_file, write_json
 from ..sources import materialize, parse
 from ._entry import load_config, run
-from .common import add_cache_arguments, context, input_record
+from .common import context, fetching_stage_arguments, input_record
 
 _KEEP = re.compile(r"^(?:boot/vmlinu[xz]-[^/]+|(?:usr/)?lib/modules/[^/]+/(?:.+\.ko(?:\.xz|\.zst|\.gz)?|modules\.builtin|modules\.order))$")
 
@@ -124,12 +123,7 @@ def build_kernel(spec_text: str, modules_dir, ctx, out_kernel: str, out_info: st
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.kernel")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--info", required=True)
-    add_cache_arguments(parser)
-    args = parser.parse_args(argv)
+    args = fetching_stage_arguments("python -m tdx_rules.stages.kernel", argv)
     config = load_config(args.config)
     build_kernel(config["spec"], config.get("modules_dir"), context(args), args.out, args.info)
 

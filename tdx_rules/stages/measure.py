@@ -13,7 +13,6 @@ Each writes ``<name>-<register>.hex`` and a JSON transcript with every event.
 
 import argparse
 import dataclasses
-import os
 
 from ..fsutil import atomic_output, write_json
 from ..measure import mrtd, profiles, rtmr

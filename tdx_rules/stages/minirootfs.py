@@ -6,7 +6,6 @@ spec replaces it. ``debian`` composes the same layout from Debian's
 busybox-static and musl packages (for Debian hosts and offline use).
 """
 
-import argparse
 import gzip
 import io
 import tarfile
@@ -16,7 +15,7 @@ from ..errors import TdxError
 from ..fsutil import CHUNK, atomic_output, copy_file, write_json
 from ..sources import Spec, materialize, parse
 from ._entry import load_config, run
-from .common import add_cache_arguments, context, input_record
+from .common import context, fetching_stage_arguments, input_record
 
 MUSL_LOADER = "lib/ld-musl-x86_64.so.1"
 MUSL_LIBC_LINK = "lib/libc.musl-x86_64.so.1"
@@ -69,12 +68,7 @@ def build_minirootfs(spec: Spec, ctx, out: str) -> list:
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.minirootfs")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--info", required=True)
-    add_cache_arguments(parser)
-    args = parser.parse_args(argv)
+    args = fetching_stage_arguments("python -m tdx_rules.stages.minirootfs", argv)
     config = load_config(args.config)
     records = build_minirootfs(parse(config["spec"], "minirootfs"), context(args), args.out)
     write_json(args.info, {"inputs": records})

@@ -4,14 +4,13 @@ A ``.deb`` (``canonical-ovmf:``, ``apt:ovmf``, or any package spec) is read in
 Python and its OVMF.fd streamed out; any other spec is the firmware file.
 """
 
-import argparse
 
 from ..debpkg import DebPackage
 from ..errors import TdxError
 from ..fsutil import CHUNK, atomic_output, copy_file, write_json
 from ..sources import materialize, parse
 from ._entry import load_config, run
-from .common import add_cache_arguments, context, input_record
+from .common import context, fetching_stage_arguments, input_record
 
 FIRMWARE_MEMBERS = ("usr/share/ovmf/OVMF.tdx.fd", "usr/share/ovmf/OVMF.fd", "usr/share/qemu/OVMF.fd")
 
@@ -44,12 +43,7 @@ def build_ovmf(spec_text: str, ctx, out: str, info: str) -> None:
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.ovmf")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--info", required=True)
-    add_cache_arguments(parser)
-    args = parser.parse_args(argv)
+    args = fetching_stage_arguments("python -m tdx_rules.stages.ovmf", argv)
     build_ovmf(load_config(args.config)["spec"], context(args), args.out, args.info)
 
 

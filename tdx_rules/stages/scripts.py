@@ -19,26 +19,13 @@ import tarfile
 
 from ..errors import TdxError
 from ..fsutil import atomic_output
-from ..render import render
+from ..render import check_text, render
 from ..settings import BY_NAME
 from ._entry import load_config, run
 
 MARKER = "__TDX_RULES_PAYLOAD_BELOW__"
 
 _ROLES = ("ovmf", "kernel", "initrd")
-
-
-def _text(key: str, value) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise TdxError(f"option {key}: expected a string, got {value!r}")
-    text = str(value)
-    if "\0" in text:
-        raise TdxError(f"option {key}: {text!r} contains a NUL byte: remove it")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise TdxError(f"option {key}: {text!r} is not valid Unicode text: fix its encoding") from None
-    return text
 
 
 def check_config(config) -> dict:
@@ -48,7 +35,7 @@ def check_config(config) -> dict:
     missing = [key for key in ("name", "memory", "cpus", "cmdline") if key not in config]
     if missing:
         raise TdxError(f"scripts config: key(s) {', '.join(missing)} missing: regenerate the config with the TdxImage rule")
-    name, cmdline = (_text(key, config[key]) for key in ("name", "cmdline"))
+    name, cmdline = (check_text(f"option {key}", config[key]) for key in ("name", "cmdline"))
     return {
         "name": name,
         "memory": BY_NAME["memory"].parse("memory", config["memory"]),
