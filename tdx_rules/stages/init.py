@@ -135,8 +135,11 @@ def build_entries(config: dict):
     env_vars = check_env_vars(config.get("env_vars"))
     ssh_keys = check_ssh_keys(config.get("ssh_keys"))
 
+    rootfs_device = config.get("rootfs_device")
+    if rootfs_device is not None and not (isinstance(rootfs_device, str) and rootfs_device.startswith("/dev/")):
+        raise TdxError(f"init config: rootfs_device {rootfs_device!r} is not a device path like /dev/vda")
     script = render("init.sh.j2", name=name, program=program, args=args, env_vars=env_vars,
-                    ssh_keys=bool(ssh_keys))
+                    ssh_keys=bool(ssh_keys), rootfs_device=rootfs_device)
     entries = [newc.directory(path, mode) for path, mode in _DIRECTORIES]
     entries.append(newc.Entry("dev/console", stat.S_IFCHR | 0o600, rdevmajor=5, rdevminor=1))
     entries.append(newc.blob("init", script.encode("utf-8"), 0o755))

@@ -46,10 +46,12 @@ def check_config(config) -> dict:
     }
 
 
-def _inputs(ovmf, kernel, initrd) -> dict:
-    """{role: (path, basename)} after checking the files and their names."""
+def _inputs(ovmf, kernel, initrd, rootfs=None) -> dict:
+    """{role: (path, basename)} after checking the files and their names (rootfs is optional)."""
     inputs = {}
-    for role, path in zip(_ROLES, (ovmf, kernel, initrd)):
+    for role, path in zip(_ROLES + ("rootfs",), (ovmf, kernel, initrd, rootfs)):
+        if path is None:
+            continue
         path = os.fspath(path)
         try:
             mode = os.stat(path).st_mode
@@ -63,12 +65,13 @@ def _inputs(ovmf, kernel, initrd) -> dict:
         inputs[role] = (path, base)
     names = [base for _, base in inputs.values()]
     if len(set(names)) != len(names):
-        raise TdxError(f"ovmf, kernel and initrd inputs share a file name ({', '.join(names)}): give them distinct names")
+        raise TdxError(f"the inputs share a file name ({', '.join(names)}): give them distinct names")
     return inputs
 
 
 def _context(settings: dict, inputs: dict) -> dict:
     context = {key: settings[key] for key in ("name", "memory", "cpus", "cmdline", "ssh_forward")}
+    context["rootfs"] = None
     context.update({role: base for role, (_, base) in inputs.items()})
     return context
 
@@ -101,14 +104,17 @@ def write_payload(out, inputs: dict) -> None:
                     raise TdxError(f"{path}: {error}: the file changed while it was bundled; rebuild") from None
 
 
-def build_scripts(config: dict, ovmf, kernel, initrd, out_launch, out_runner=None) -> None:
-    """Write the launch script and, when ``bundle_runner`` is on, the self-extracting runner."""
+def build_scripts(config: dict, ovmf, kernel, initrd, out_launch, out_runner=None, rootfs=None) -> None:
+    """Write the launch script and, when ``bundle_runner`` is on, the self-extracting runner.
+
+    ``rootfs``: an ext4 image attached as a virtio disk (the image's init mounts it).
+    """
     settings = check_config(config)
     if settings["bundle_runner"] and out_runner is None:
         raise TdxError("bundle_runner is on but no runner output was given: pass --runner OUT-run-qemu.sh")
     if not settings["bundle_runner"] and out_runner is not None:
         raise TdxError("bundle_runner is off but a runner output was given: drop --runner or turn bundle_runner on")
-    inputs = _inputs(ovmf, kernel, initrd)
+    inputs = _inputs(ovmf, kernel, initrd, rootfs)
     context = _context(settings, inputs)
 
     launch = render("launch-tdx.sh.j2", **context).encode("utf-8")
@@ -131,11 +137,12 @@ def main(argv) -> None:
     parser.add_argument("--ovmf", required=True, help="TDX firmware file")
     parser.add_argument("--kernel", required=True, help="kernel file")
     parser.add_argument("--initrd", required=True, help="initramfs file")
+    parser.add_argument("--rootfs", help="ext4 root filesystem attached as a virtio disk")
     parser.add_argument("--launch", required=True, help="output: launch-tdx.sh")
     parser.add_argument("--runner", help="output: self-extracting run-qemu.sh (only with bundle_runner)")
     options = parser.parse_args(argv)
     build_scripts(load_config(options.config), options.ovmf, options.kernel, options.initrd,
-                  options.launch, options.runner)
+                  options.launch, options.runner, options.rootfs)
 
 
 if __name__ == "__main__":
