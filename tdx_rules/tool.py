@@ -52,6 +52,9 @@ STAGE_CODE = {
 FINALIZE = ("compress", "mrtd", "rtmr1", "rtmr2", "scripts", "manifest")
 
 _TRUE = ("1", "true", "yes", "on")
+AGENT_PATH = "/sbin/vm-agent"
+ROOTFS_DEVICE = "/dev/vda"
+ROOTFS_MODULES = ("virtio_blk", "ext4")
 
 
 class _StageAction(SCons.Action.CommandAction):
@@ -172,14 +175,19 @@ def _c_sources(nodes):
     return [n for n in nodes if str(n).endswith(".c")]
 
 
-def tdx_image(env, name, binary=None, **options):
-    """The rule: declare every stage of the image ``name``; return the final nodes."""
+def tdx_image(env, name, binary=None, rootfs=None, **options):
+    """The rule: declare every stage of the image ``name``; return the final nodes.
+
+    ``rootfs``: a node of ``TdxExt4Rootfs``; the init then mounts it from the
+    virtio disk the scripts attach and runs its agent (``binary`` is optional).
+    """
     where = f"TdxImage('{name}')"
     if os.environ.get(settings_table.SKIP_VARIABLE, "").lower() in _TRUE:
         print(f"[tdx] {name}: skipped ({settings_table.SKIP_VARIABLE}={os.environ[settings_table.SKIP_VARIABLE]})")
         return []
-    if binary is None:
-        raise SCons.Errors.UserError(f"{where}: binary= is required (a file or the node of TdxStaticProgram)")
+    if binary is None and rootfs is None:
+        raise SCons.Errors.UserError(f"{where}: binary= is required (a file or the node of TdxStaticProgram), "
+                                     "or rootfs= (the node of TdxExt4Rootfs)")
     output_dir = options.pop("output_dir", None)
     try:
         values = settings_table.resolve(options, os.environ)
@@ -192,8 +200,12 @@ def tdx_image(env, name, binary=None, **options):
     def config(stage, **data):
         return _config(env, work, stage, dict(settings_table.for_stage(values, stage), **data))
 
-    binary_node = env.File(env.Flatten([binary])[0])
-    program_path = "/usr/bin/" + os.path.basename(binary_node.path)
+    rootfs_node = env.File(env.Flatten([rootfs])[0]) if rootfs is not None else None
+    binary_node = env.File(env.Flatten([binary])[0]) if binary is not None else None
+    if rootfs_node is not None:
+        program_path = getattr(rootfs_node.attributes, "tdx_agent_path", AGENT_PATH)
+    else:
+        program_path = "/usr/bin/" + os.path.basename(binary_node.path)
 
     # minirootfs -> busybox
     spec, deps = _spec_inputs(env, values["minirootfs"] or sources.alpine_spec(values["alpine_version"], values["alpine_minor"]),
@@ -221,7 +233,8 @@ def tdx_image(env, name, binary=None, **options):
                     scan_dirs=bool(modules_dir))
     stage_targets["kernel"] = kernel
     user_modules, user_module_files = [], []
-    for item in values["kernel_modules"]:
+    # A root filesystem needs the virtio disk driver and ext4 (modules or built in).
+    for item in values["kernel_modules"] + (list(ROOTFS_MODULES) if rootfs_node is not None else []):
         if "/" in item or ".ko" in item:
             node = env.File(item)
             user_module_files.append(node)
@@ -235,7 +248,8 @@ def tdx_image(env, name, binary=None, **options):
     stage_targets["modules"] = modules
 
     # init
-    cfg = config("init", name=name, program=program_path)
+    cfg = config("init", name=name, program=program_path,
+                 rootfs_device=ROOTFS_DEVICE if rootfs_node is not None else None)
     init = _stage(env, "init", name, [work.File("init.frag")], [cfg],
                   f"{_python('init')} --config ${{SOURCES[0]}} --out $TARGET")
     stage_targets["init"] = init
@@ -251,10 +265,11 @@ def tdx_image(env, name, binary=None, **options):
     if not epoch.isdigit():
         raise SCons.Errors.UserError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds")
     cfg = config("cpio", program_path=program_path, extra_files=extra, epoch=int(epoch))
+    program_args = f" --program ${{SOURCES[{4 + len(extra_nodes)}]}}" if binary_node is not None else ""
     cpio = _stage(env, "cpio", name, [work.File(f"{name}-initramfs.cpio")],
-                  [cfg, binary_node, base[0], modules[0], init[0]] + extra_nodes,
-                  f"{_python('cpio')} --config ${{SOURCES[0]}} --program ${{SOURCES[1]}} --fragment ${{SOURCES[2]}} "
-                  f"--fragment ${{SOURCES[3]}} --fragment ${{SOURCES[4]}} --out $TARGET")
+                  [cfg, base[0], modules[0], init[0]] + extra_nodes + ([binary_node] if binary_node else []),
+                  f"{_python('cpio')} --config ${{SOURCES[0]}} --fragment ${{SOURCES[1]}} "
+                  f"--fragment ${{SOURCES[2]}} --fragment ${{SOURCES[3]}}{program_args} --out $TARGET")
     stage_targets["cpio"] = cpio
     initrd = _stage(env, "compress", name, [out.File(f"{name}-initramfs.cpio.gz"), work.File("initramfs.size")], cpio,
                     f"{_python('compress')} --size-file ${{TARGETS[1]}} $SOURCE ${{TARGETS[0]}}")
@@ -295,9 +310,11 @@ def tdx_image(env, name, binary=None, **options):
     if values["bundle_runner"]:
         script_targets.append(out.File(f"{name}-run-qemu.sh"))
         runner = " --runner ${TARGETS[1]}"
-    scripts = _stage(env, "scripts", name, script_targets, [cfg, ovmf[0], kernel[0], initrd[0]],
+    rootfs_arg = " --rootfs ${SOURCES[4]}" if rootfs_node is not None else ""
+    scripts = _stage(env, "scripts", name, script_targets,
+                     [cfg, ovmf[0], kernel[0], initrd[0]] + ([rootfs_node] if rootfs_node is not None else []),
                      f"{_python('scripts')} --config ${{SOURCES[0]}} --ovmf ${{SOURCES[1]}} --kernel ${{SOURCES[2]}} "
-                     f"--initrd ${{SOURCES[3]}} --launch ${{TARGETS[0]}}{runner}")
+                     f"--initrd ${{SOURCES[3]}}{rootfs_arg} --launch ${{TARGETS[0]}}{runner}")
 
     # manifest
     finals = [initrd[0], kernel[0], ovmf[0]] + list(scripts) + [measured[r][0] for r in ("mrtd", "rtmr1", "rtmr2")]
@@ -305,7 +322,8 @@ def tdx_image(env, name, binary=None, **options):
     cfg = _config(env, work, "manifest", {"name": name, "settings": values})
     manifest_sources, manifest_args = [cfg], []
     for template, node in ([("--info {}", info) for info in (minirootfs[1], kernel[1], modules[1], ovmf[1])]
-                           + [("--file program={}", binary_node)]
+                           + [("--file program={}", node) for node in [binary_node] if node is not None]
+                           + [("--file rootfs={}", node) for node in [rootfs_node] if node is not None]
                            + [(f"--file extra:{guest.lstrip('/')}={{}}", node) for guest, node in zip(extra, extra_nodes)]
                            + [("--output {}", node) for node in finals]
                            + [("--measurement {}", node) for node in transcripts]):

@@ -63,7 +63,7 @@ def test_compile_error_is_one_scons_line_without_traceback(tmp_path):
     project = write_project(tmp_path / "p", "minirootfs='debian'")
     with open(os.path.join(project, "hello.c"), "a") as handle:
         handle.write("this is not C;\n")
-    result = scons(project, "hello", check=False)
+    result = scons(project, "./hello", check=False)  # the program file, not the image alias of the same name
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("scons: ***")]
     assert len(errors) == 1 and "musl-gcc failed" in errors[0], result.stderr

@@ -23,10 +23,12 @@ def host_mode(path: str) -> int:
     return 0o755 if os.stat(path).st_mode & 0o111 else 0o644
 
 
-def build_cpio(fragments, program: str, config: dict, out: str) -> None:
-    check_static_x86_64(program, "binary")
+def build_cpio(fragments, program, config: dict, out: str) -> None:
+    """``program`` is None when the workload lives on a separate root filesystem."""
     layers = [list(newc.read_entries(fragment)) for fragment in fragments]
-    layers.append([newc.disk_file(config["program_path"], program, 0o755)])
+    if program is not None:
+        check_static_x86_64(program, "binary")
+        layers.append([newc.disk_file(config["program_path"], program, 0o755)])
     extra = []
     for guest, host in sorted(config.get("extra_files", {}).items()):
         if not os.path.isfile(host):
@@ -41,7 +43,7 @@ def build_cpio(fragments, program: str, config: dict, out: str) -> None:
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.cpio")
     parser.add_argument("--config", required=True)
-    parser.add_argument("--program", required=True)
+    parser.add_argument("--program", help="the workload (omitted when it lives on the root filesystem)")
     parser.add_argument("--fragment", action="append", default=[])
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
