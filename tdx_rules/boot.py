@@ -13,10 +13,12 @@ from .errors import TdxError
 
 
 def boot_tcg(kernel: str, initrd: str, *, ovmf: str = None, cmdline: str = "console=ttyS0 panic=-1",
-             memory: str = "1G", timeout: float = 180, until: str = None, qemu: str = "qemu-system-x86_64") -> str:
+             memory: str = "1G", timeout: float = 180, until: str = None, qemu: str = "qemu-system-x86_64",
+             rootfs: str = None) -> str:
     """Boot and return everything the guest printed on its serial console.
 
-    Stops when the guest powers off, when ``until`` appears in the output, or
+    ``rootfs``: an ext4 image attached read-only-safe as a virtio disk (``snapshot=on``:
+    the guest's writes never reach the file). Stops when the guest powers off, when ``until`` appears in the output, or
     after ``timeout`` seconds (then raises TdxError with the output so far).
     """
     if shutil.which(qemu) is None:
@@ -27,6 +29,9 @@ def boot_tcg(kernel: str, initrd: str, *, ovmf: str = None, cmdline: str = "cons
                "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
     if ovmf:
         command += ["-bios", ovmf]
+    if rootfs:
+        command += ["-drive", f"file={rootfs.replace(',', ',,')},if=none,id=rootfs,format=raw,snapshot=on",
+                    "-device", "virtio-blk-pci,drive=rootfs"]
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     chunks = []
     done = threading.Event()
