@@ -199,7 +199,7 @@ def _parse_size(size) -> Optional[int]:
     return -(-value // BLOCK) * BLOCK
 
 
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN))
     if path is None:
         raise TdxError(f"{name} not found; install e2fsprogs (1.47.0 or newer)")
@@ -627,7 +627,7 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
     uuid = _uuid(uuid_seed)
     hash_seed = _uuid(hashlib.sha256(b"hash_seed\0" + uuid_seed).digest())
 
-    mkfs, debugfs, e2fsck = _tool("mkfs.ext4"), _tool("debugfs"), _tool("e2fsck")
+    mkfs, debugfs, e2fsck = tool("mkfs.ext4"), tool("debugfs"), tool("e2fsck")
     directory = os.path.dirname(out)
     try:
         os.makedirs(directory, exist_ok=True)
@@ -697,7 +697,7 @@ def is_valid_image(path) -> bool:
     except OSError:
         return False
     try:
-        e2fsck = _tool("e2fsck")
+        e2fsck = tool("e2fsck")
     except TdxError:
         return False
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}

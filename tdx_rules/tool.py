@@ -44,6 +44,7 @@ STAGE_CODE = {
     "ovmf": ("stages/ovmf.py",) + _FETCHING,
     "scripts": ("stages/scripts.py", "render.py", "settings.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
     "manifest": ("stages/manifest.py",),
+    "rootfs": ("stages/rootfs.py", "oci.py", "ext4.py"),
     "mrtd": _MEASURING,
     "rtmr1": _MEASURING,
     "rtmr2": _MEASURING,
@@ -54,7 +55,8 @@ FINALIZE = ("compress", "mrtd", "rtmr1", "rtmr2", "scripts", "manifest")
 _TRUE = ("1", "true", "yes", "on")
 AGENT_PATH = "/sbin/vm-agent"
 ROOTFS_DEVICE = "/dev/vda"
-ROOTFS_MODULES = ("virtio_blk", "ext4")
+# ext4 needs a crc32c implementation (a soft dependency, by alias, that modinfo does not resolve).
+ROOTFS_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
 
 
 class _StageAction(SCons.Action.CommandAction):
@@ -171,6 +173,54 @@ def tdx_static_program(env, target, source=None, **kw):
     return _stage(env, "program", os.path.basename(target), [target], deps, command)
 
 
+def tdx_ext4_rootfs(env, target, source, agent=None, agent_path=AGENT_PATH, size="auto"):
+    """An ext4 root filesystem from a container image with ``agent`` injected at ``agent_path``.
+
+    ``source``: an OCI image layout directory, a ``docker save`` tarball or a
+    Docker overlay2 layer directory (its lower layers are tracked too).
+    """
+    where = f"TdxExt4Rootfs('{target}')"
+    if agent is None:
+        raise SCons.Errors.UserError(f"{where}: agent= is required (a file or the node of TdxStaticProgram)")
+    if not isinstance(agent_path, str) or not agent_path.startswith("/"):
+        raise SCons.Errors.UserError(f"{where}: agent_path {agent_path!r} must be an absolute path in the image")
+    if not (size == "auto" or isinstance(size, int) or (isinstance(size, str) and size[:-1].isdigit()
+                                                           and size[-1:].upper() in "KMGT")):
+        raise SCons.Errors.UserError(f"{where}: size {size!r} is not 'auto' or a size like '512M'")
+    epoch = _source_date_epoch()
+    src = str(env.Flatten([source])[0])
+    source_path = env.Dir(src).abspath if os.path.isdir(env.Dir(src).abspath) else env.File(src).abspath
+    deps = []
+    if os.path.isdir(source_path):
+        deps.append(env.Dir(source_path))
+        lower = os.path.join(source_path, "lower")
+        if os.path.isfile(lower):  # overlay2: the lower layers are directories beside this one
+            from .oci import open_image
+
+            try:
+                deps += [env.Dir(layer.path) for layer in open_image(source_path)[:-1]]
+            except TdxError as error:
+                _user_error(where, error)
+    else:
+        deps.append(env.File(source_path))
+    agent_node = env.File(env.Flatten([agent])[0])
+    target_node = env.File(target)
+    cfg = _config(env, target_node.dir, target_node.name + ".rootfs", {"agent_path": agent_path, "size": size,
+                                                                        "epoch": epoch})
+    nodes = _stage(env, "rootfs", target_node.name, [target_node], [cfg, agent_node] + deps,
+                   f'{_python("rootfs")} --config ${{SOURCES[0]}} --agent ${{SOURCES[1]}} '
+                   f'--source ${{SOURCES[2]}} --out $TARGET {_CACHE_ARGS}', scan_dirs=os.path.isdir(source_path))
+    nodes[0].attributes.tdx_agent_path = agent_path
+    return nodes
+
+
+def _source_date_epoch() -> int:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    if not epoch.isdigit():
+        raise SCons.Errors.UserError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds")
+    return int(epoch)
+
+
 def _c_sources(nodes):
     return [n for n in nodes if str(n).endswith(".c")]
 
@@ -261,10 +311,7 @@ def tdx_image(env, name, binary=None, rootfs=None, **options):
         node = env.File(host)
         extra[guest] = str(node)
         extra_nodes.append(node)
-    epoch = os.environ.get("SOURCE_DATE_EPOCH", "0")
-    if not epoch.isdigit():
-        raise SCons.Errors.UserError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds")
-    cfg = config("cpio", program_path=program_path, extra_files=extra, epoch=int(epoch))
+    cfg = config("cpio", program_path=program_path, extra_files=extra, epoch=_source_date_epoch())
     program_args = f" --program ${{SOURCES[{4 + len(extra_nodes)}]}}" if binary_node is not None else ""
     cpio = _stage(env, "cpio", name, [work.File(f"{name}-initramfs.cpio")],
                   [cfg, base[0], modules[0], init[0]] + extra_nodes + ([binary_node] if binary_node else []),
@@ -353,6 +400,7 @@ def generate(env):
     env.Append(BUILDERS={"_TdxConfig": _CONFIG})
     env.AddMethod(tdx_static_program, "TdxStaticProgram")
     env.AddMethod(tdx_image, "TdxImage")
+    env.AddMethod(tdx_ext4_rootfs, "TdxExt4Rootfs")
 
 
 def exists(env):

@@ -1,0 +1,83 @@
+"""Container image -> ext4 root filesystem with the agent injected (``TdxExt4Rootfs``).
+
+The source is an OCI image layout directory, a ``docker save`` tarball or a
+Docker overlay2 layer directory. Results are cached by content: the key is
+the SHA-256 of the layers' digests (layers without a content digest, such as
+overlay2 directories, are hashed member by member), the agent's bytes, the
+options and the e2fsprogs version. A cached image is reused only after its
+ext4 magic and a read-only ``e2fsck -fn`` pass; every write goes to a temp
+file that is renamed into place.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+
+import filelock
+
+from .. import ext4, oci
+from ..fsutil import CHUNK, copy_file, sha256_file
+from ._entry import load_config, run
+
+KEY_VERSION = "tdx-rules-rootfs-1"
+
+
+def _layer_key(layer) -> str:
+    """A content digest of one layer: its own sha256 digest, or a hash of its members."""
+    if layer.digest.startswith("sha256:") and len(layer.digest) == 71:
+        return layer.digest
+    digest = hashlib.sha256()
+    for member, reader in layer.members():
+        meta = [member.name, member.type, member.mode, member.uid, member.gid, list(member.rdev), member.linkname,
+                member.size, sorted((k, v.hex()) for k, v in member.xattrs.items())]
+        digest.update(json.dumps(meta).encode() + b"\n")
+        if reader is not None:
+            for chunk in iter(lambda: reader.read(CHUNK), b""):
+                digest.update(chunk)
+    return "content:" + digest.hexdigest()
+
+
+def mke2fs_version() -> str:
+    """e2fsprogs' version line: its output bytes depend on it, so it is part of the cache key."""
+    result = subprocess.run([ext4.tool("mke2fs"), "-V"], capture_output=True, text=True)
+    return (result.stderr or result.stdout).splitlines()[0].strip()
+
+
+def cache_key(layers, agent: str, config: dict) -> str:
+    parts = {"version": KEY_VERSION, "e2fsprogs": mke2fs_version(), "layers": [_layer_key(layer) for layer in layers],
+             "agent": sha256_file(agent), "options": config}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def build_rootfs(source: str, agent: str, config: dict, out: str, cache: str, log=print) -> None:
+    layers = oci.open_image(source)
+    key = cache_key(layers, agent, config)
+    cached = os.path.join(cache, "rootfs", key + ".ext4")
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with filelock.FileLock(cached + ".lock"):
+        if os.path.isfile(cached) and ext4.is_valid_image(cached):
+            log(f"[tdx] rootfs from cache {key[:16]}")
+            copy_file(cached, out)
+            return
+        with oci.apply_layers(oci.open_image(source)) as tree:
+            ext4.build_ext4(tree, agent, config["agent_path"], out=out, size=config["size"], epoch=config["epoch"])
+        copy_file(out, cached)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.rootfs")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--source", required=True, help="OCI layout directory, docker save tarball or overlay2 layer")
+    parser.add_argument("--agent", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--mirror", default="", help="unused; accepted like every fetching stage")
+    args = parser.parse_args(argv)
+    build_rootfs(args.source, args.agent, load_config(args.config), args.out, args.cache,
+                 log=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    run(main)
