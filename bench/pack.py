@@ -173,13 +173,17 @@ def main():
                   file=sys.stderr, flush=True)
         sizes = {label: os.path.getsize(path) for label, path in outputs.items()}
 
+        def read(label):
+            with open(outputs[label], "rb") as handle:
+                return handle.read()
+
         checks = []
         if "gzip" in formats:
-            same = open(outputs[jobs[0][0]], "rb").read() == open(outputs[jobs[1][0]], "rb").read()
+            same = read(jobs[0][0]) == read(jobs[1][0])
             checks.append(f"gzip --threads 1 and --threads all outputs byte-identical: {'yes' if same else 'NO'}")
         if "gzip" in formats and "none" in formats:
             unpacked = subprocess.run(["gzip", "-dc", outputs[jobs[0][0]]], capture_output=True, check=True).stdout
-            same = unpacked == open(outputs["pack --compress none"], "rb").read()
+            same = unpacked == read("pack --compress none")
             checks.append(f"gzip -dc of pack's gzip == pack's plain archive: {'yes' if same else 'NO'}")
 
     total = sum(mix.values())

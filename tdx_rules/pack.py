@@ -379,10 +379,10 @@ def tree_entries(root) -> List[newc.Entry]:
                                           path=path))
             elif stat.S_ISLNK(mode):
                 try:
-                    target = os.readlink(path)
+                    target = os.fsencode(os.readlink(path))  # any bytes, UTF-8 or not
                 except OSError as error:
                     raise TdxError(f"{path}: cannot read the symlink ({error.strerror})") from None
-                entries.append(newc.symlink(name, target))
+                entries.append(newc.Entry(newc.check_name(name), stat.S_IFLNK | 0o777, len(target), data=target))
             else:
                 kind = next((label for test, label in _KIND if test(mode)), "special file")
                 raise TdxError(f"{path} is a {kind}: pack takes only files, directories and symlinks "

@@ -16,7 +16,6 @@ import sys
 
 import SCons.Action
 import SCons.Builder
-import SCons.Defaults
 import SCons.Errors
 import SCons.Script
 
@@ -89,22 +88,42 @@ def _verbose(env) -> bool:
     return str(value).lower() in _TRUE
 
 
-def _stage(env, stage: str, label: str, targets, sources_, command: str, scan_dirs=False):
-    """Declare one stage: a command action, its code as dependencies, its progress line.
-
-    ``scan_dirs``: a directory among the sources is scanned recursively, so an
-    edit to a nested file reruns the stage.
-    """
+def _stage(env, stage: str, label: str, targets, sources_, command: str):
+    """Declare one stage: a command action, its code as dependencies, its progress line."""
     # cmdstr=None would silence the action: leave it out to print the command.
     action = _StageAction(command, **({} if _verbose(env) else {"cmdstr": f"[tdx] {stage} {label}"}))
-    extra = {"source_scanner": SCons.Defaults.DirScanner} if scan_dirs else {}
-    nodes = env.Command(targets, sources_, action, **extra,
+    nodes = env.Command(targets, sources_, action,
                         ENV=dict(env["ENV"], PYTHONPATH=os.pathsep.join(
                             p for p in (os.path.dirname(PACKAGE_DIR), env["ENV"].get("PYTHONPATH")) if p)),
                         IMPLICIT_COMMAND_DEPENDENCIES=0)
     code = [os.path.join(PACKAGE_DIR, name) for name in _COMMON + STAGE_CODE[stage]]
     env.Depends(nodes, [env.File(path) for path in code])
     return nodes
+
+
+def _tree_inputs(env, directory: str) -> list:
+    """Dependencies standing for a directory tree: its regular files by content, and one
+    Value with every entry's type, mode, owner, link target and device number.
+
+    Unlike SCons's DirScanner this never opens a FIFO or device (which would hang or
+    read the host's device) and never follows a symlink out of the tree.
+    """
+    import stat as stat_module
+
+    files, meta = [], []
+    for top, dirs, names in os.walk(directory):
+        dirs.sort()
+        for name in sorted(dirs) + sorted(names):
+            full = os.path.join(top, name)
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue
+            link = os.readlink(full) if stat_module.S_ISLNK(st.st_mode) else ""
+            meta.append([os.path.relpath(full, directory), st.st_mode, st.st_uid, st.st_gid, st.st_rdev, link])
+            if stat_module.S_ISREG(st.st_mode):
+                files.append(env.File(full))
+    return files + [env.Value(json.dumps(meta))]
 
 
 def _python(module: str) -> str:
@@ -189,27 +208,27 @@ def tdx_ext4_rootfs(env, target, source, agent=None, agent_path=AGENT_PATH, size
         raise SCons.Errors.UserError(f"{where}: size {size!r} is not 'auto' or a size like '512M'")
     epoch = _source_date_epoch()
     src = str(env.Flatten([source])[0])
-    source_path = env.Dir(src).abspath if os.path.isdir(env.Dir(src).abspath) else env.File(src).abspath
-    deps = []
-    if os.path.isdir(source_path):
-        deps.append(env.Dir(source_path))
-        lower = os.path.join(source_path, "lower")
-        if os.path.isfile(lower):  # overlay2: the lower layers are directories beside this one
-            from .oci import open_image
+    source_path = env.Entry(src).abspath
+    is_dir = os.path.isdir(source_path)
+    trees = [source_path]
+    if os.path.isfile(os.path.join(source_path, "lower")):  # overlay2: lower layers are directories beside it
+        from .oci import open_image
 
-            try:
-                deps += [env.Dir(layer.path) for layer in open_image(source_path)[:-1]]
-            except TdxError as error:
-                _user_error(where, error)
-    else:
-        deps.append(env.File(source_path))
+        try:
+            trees += [layer.path for layer in open_image(source_path)[:-1]]
+        except TdxError as error:
+            _user_error(where, error)
+    deps = [env.Dir(source_path) if is_dir else env.File(source_path)]
+    if is_dir:
+        for tree in trees:
+            deps += _tree_inputs(env, tree)
     agent_node = env.File(env.Flatten([agent])[0])
     target_node = env.File(target)
     cfg = _config(env, target_node.dir, target_node.name + ".rootfs", {"agent_path": agent_path, "size": size,
                                                                         "epoch": epoch})
     nodes = _stage(env, "rootfs", target_node.name, [target_node], [cfg, agent_node] + deps,
                    f'{_python("rootfs")} --config ${{SOURCES[0]}} --agent ${{SOURCES[1]}} '
-                   f'--source ${{SOURCES[2]}} --out $TARGET {_CACHE_ARGS}', scan_dirs=os.path.isdir(source_path))
+                   f'--source ${{SOURCES[2]}} --out $TARGET {_CACHE_ARGS}')
     nodes[0].attributes.tdx_agent_path = agent_path
     return nodes
 
@@ -276,11 +295,10 @@ def tdx_image(env, name, binary=None, rootfs=None, **options):
     if values["modules_dir"]:
         modules_node = env.Dir(values["modules_dir"])
         modules_dir = str(modules_node)
-        deps.append(modules_node)
+        deps += _tree_inputs(env, modules_node.abspath)
     cfg = _config(env, work, "kernel", {"spec": spec, "modules_dir": modules_dir})
     kernel = _stage(env, "kernel", name, [out.File(f"{name}-vmlinuz"), work.File("kernel.info.json")], [cfg] + deps,
-                    f"{_python('kernel')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} --info ${{TARGETS[1]}} {_CACHE_ARGS}",
-                    scan_dirs=bool(modules_dir))
+                    f"{_python('kernel')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} --info ${{TARGETS[1]}} {_CACHE_ARGS}")
     stage_targets["kernel"] = kernel
     user_modules, user_module_files = [], []
     # A root filesystem needs the virtio disk driver and ext4 (modules or built in).

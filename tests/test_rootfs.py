@@ -111,3 +111,34 @@ def test_image_boots_from_the_ext4_disk_and_runs_the_agent(tmp_path):
     assert "HELLO-FROM-TDX-GUEST" in console and "HELLO-DONE" in console
     launch = open(os.path.join(out, "withdisk-launch-tdx.sh")).read()
     assert "virtio-blk-pci,drive=rootfs" in launch and "rootfs.ext4" in launch
+
+
+def test_overlay2_source_tracks_edits_in_its_lower_layers(tmp_path):
+    from tests.oci_fixtures import write_overlay2
+
+    project = rootfs_project(tmp_path / "p")
+    top = write_overlay2(str(tmp_path / "p" / "overlay2"))
+    with open(os.path.join(project, "SConstruct"), "a") as handle:
+        handle.write(f"env.TdxExt4Rootfs('ov.ext4', {top!r}, agent=agent)\n")
+    cache = str(tmp_path / "cache")
+    scons(project, "ov.ext4", env={"TDX_RULES_CACHE": cache})
+    assert stages_run(scons(project, "ov.ext4", env={"TDX_RULES_CACHE": cache})) == set()
+    lower_diffs = sorted(p for p in (tmp_path / "p" / "overlay2").glob("*/diff") if str(p.parent) != top)
+    marker = lower_diffs[0] / "lower-edit.txt"
+    marker.write_text("edited\n")
+    assert stages_run(scons(project, "ov.ext4", env={"TDX_RULES_CACHE": cache})) == {"rootfs"}
+    listing = debugfs(os.path.join(project, "ov.ext4"), "ls -l /")
+    assert "lower-edit.txt" in listing
+
+
+def test_docker_save_tarball_source(tmp_path):
+    from tests.oci_fixtures import write_docker_save
+
+    project = rootfs_project(tmp_path / "p")
+    write_docker_save(os.path.join(project, "saved.tar"))
+    with open(os.path.join(project, "SConstruct"), "a") as handle:
+        handle.write("env.TdxExt4Rootfs('saved.ext4', 'saved.tar', agent=agent, size='64M')\n")
+    scons(project, "saved.ext4", env={"TDX_RULES_CACHE": str(tmp_path / "cache")})
+    image = os.path.join(project, "saved.ext4")
+    assert os.path.getsize(image) == 64 << 20
+    subprocess.run(["e2fsck", "-fn", image], check=True, capture_output=True)
