@@ -1,8 +1,9 @@
 """The ``tdx-rules`` command line.
 
 ``tdx-rules measure``: the MRTD, RTMR[1] and RTMR[2] a TD launched from the
-given files will report, for verifiers and CI. Exit status 0 on success,
-1 on bad input (one ``tdx-rules: error:`` line), 2 on bad usage.
+given files will report, for verifiers and CI. ``tdx-rules pack``: a
+deterministic initramfs from a directory. Exit status 0 on success, 1 on bad
+input (one ``tdx-rules: error:`` line), 2 on bad usage.
 """
 
 import argparse
@@ -61,12 +62,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--ovmf-version", default="2024.02-3+tdx1.0",
                      help="OVMF of the launch profile (default 2024.02-3+tdx1.0)")
     sub.add_argument("--json", action="store_true", help="print a JSON object with the registers and the events")
+    from . import pack
+
+    sub = commands.add_parser("pack", help=pack.PACK_HELP, description=pack.PACK_HELP, epilog=pack.PACK_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    pack.add_arguments(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "pack":
+            from . import pack
+
+            pack.run(args)
+            return 0
         result = measure(args)
     except TdxError as error:
         print(ERROR_PREFIX + str(error), file=sys.stderr)

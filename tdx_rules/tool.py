@@ -39,7 +39,7 @@ STAGE_CODE = {
     "modules": ("stages/modules.py", "newc.py"),
     "init": ("stages/init.py", "newc.py", "render.py", "templates/init.sh.j2", "templates/udhcpc.sh"),
     "cpio": ("stages/cpio.py", "newc.py", "elf.py"),
-    "compress": ("stages/compress.py",),
+    "compress": ("stages/compress.py", "pgzip.py"),
     "ovmf": ("stages/ovmf.py",) + _FETCHING,
     "scripts": ("stages/scripts.py", "render.py", "settings.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
     "manifest": ("stages/manifest.py",),

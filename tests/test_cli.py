@@ -54,3 +54,18 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
 
 def test_help_shows_an_example():
     assert "example:" in cli("measure", "--help").stdout
+
+
+def test_pack_subcommand_writes_an_initramfs_gnu_cpio_can_list(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "app").write_bytes(b"\x7fELF-not-really")
+    (tree / "init").write_text("#!/bin/sh\n")
+    out = tmp_path / "initrd.gz"
+    result = cli("pack", str(tree), "-o", str(out), "--compress", "gzip", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    data = subprocess.run(["gzip", "-dc", str(out)], capture_output=True, check=True).stdout
+    listing = subprocess.run(["cpio", "-it", "--quiet"], input=data, capture_output=True, check=True).stdout.decode()
+    assert listing.split() == ["bin", "bin/app", "init"]
+    bad = cli("pack", str(tmp_path / "missing"), "-o", str(out))
+    assert bad.returncode == 1 and bad.stderr.startswith("tdx-rules: error:") and len(bad.stderr.splitlines()) == 1

@@ -1,18 +1,18 @@
-"""Finalize: gzip the initramfs, byte-identical across runs (no name, mtime 0)."""
+"""Finalize: gzip the initramfs with the same parallel, deterministic deflate as
+``tdx-rules pack`` (no name, mtime 0, identical bytes for any thread count)."""
 
 import argparse
-import gzip
 import os
 
-from ..fsutil import CHUNK, atomic_output
+from ..fsutil import atomic_output
+from ..pgzip import compress_gzip
 from ._entry import run
 
 
 def gzip_file(src: str, out: str, level: int = 9) -> None:
+    """gzip with every core; the bytes are the same whatever the number of cores (see pgzip)."""
     with open(src, "rb") as inp, atomic_output(out) as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=level) as gz:
-            for chunk in iter(lambda: inp.read(CHUNK), b""):
-                gz.write(chunk)
+        compress_gzip(inp, raw, level=level, threads="all")
 
 
 def write_size(path: str, size_file: str) -> None:
