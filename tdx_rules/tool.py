@@ -44,6 +44,7 @@ STAGE_CODE = {
     "scripts": ("stages/scripts.py", "render.py", "settings.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
     "manifest": ("stages/manifest.py",),
     "rootfs": ("stages/rootfs.py", "oci.py", "ext4.py"),
+    "pack": ("pack.py", "pgzip.py", "newc.py"),
     "mrtd": _MEASURING,
     "rtmr1": _MEASURING,
     "rtmr2": _MEASURING,
@@ -233,6 +234,27 @@ def tdx_ext4_rootfs(env, target, source, agent=None, agent_path=AGENT_PATH, size
     return nodes
 
 
+def tdx_pack(env, target, source, compress="gzip", level=None):
+    """A deterministic initramfs of the directory ``source`` (as ``tdx-rules pack``).
+
+    Every file, symlink and directory of the tree is a dependency (never a FIFO
+    or device: those are refused by pack itself).
+    """
+    from .pack import COMPRESSIONS
+
+    where = f"TdxPack('{target}')"
+    if compress not in COMPRESSIONS:
+        raise SCons.Errors.UserError(f"{where}: compress={compress!r} is not one of {', '.join(COMPRESSIONS)}")
+    directory = env.Dir(str(env.Flatten([source])[0]))
+    if not os.path.isdir(directory.abspath):
+        raise SCons.Errors.UserError(f"{where}: {directory} is not a directory")
+    level_arg = f" --level {int(level)}" if level is not None else ""
+    return _stage(env, "pack", os.path.basename(str(target)), [env.File(target)],
+                  [directory] + _tree_inputs(env, directory.abspath),
+                  f"$( $TDX_PYTHON $) -m tdx_rules.pack ${{SOURCES[0]}} -o $TARGET --compress {compress}{level_arg} "
+                  f"--epoch {_source_date_epoch()}")
+
+
 def _source_date_epoch() -> int:
     epoch = os.environ.get("SOURCE_DATE_EPOCH", "0")
     if not epoch.isdigit():
@@ -419,6 +441,7 @@ def generate(env):
     env.AddMethod(tdx_static_program, "TdxStaticProgram")
     env.AddMethod(tdx_image, "TdxImage")
     env.AddMethod(tdx_ext4_rootfs, "TdxExt4Rootfs")
+    env.AddMethod(tdx_pack, "TdxPack")
 
 
 def exists(env):

@@ -69,3 +69,23 @@ def test_pack_subcommand_writes_an_initramfs_gnu_cpio_can_list(tmp_path):
     assert listing.split() == ["bin", "bin/app", "init"]
     bad = cli("pack", str(tmp_path / "missing"), "-o", str(out))
     assert bad.returncode == 1 and bad.stderr.startswith("tdx-rules: error:") and len(bad.stderr.splitlines()) == 1
+
+
+def test_tdxpack_builder_rebuilds_when_a_file_in_the_tree_changes(tmp_path):
+    from tests.conftest import stages_run
+
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "motd").write_text("one\n")
+    (tmp_path / "SConstruct").write_text(
+        "import tdx_rules\nDefaultEnvironment(tools=[])\n"
+        "env = Environment(tools=['default', 'tdx'], toolpath=[tdx_rules.TOOLPATH])\n"
+        "env.TdxPack('initrd.zst', 'tree', compress='zstd')\n")
+    assert stages_run(scons(str(tmp_path))) == {"pack"}
+    assert stages_run(scons(str(tmp_path))) == set()
+    (tree / "etc" / "motd").write_text("two\n")
+    assert stages_run(scons(str(tmp_path))) == {"pack"}
+    data = subprocess.run(["zstd", "-dc", str(tmp_path / "initrd.zst")], capture_output=True, check=True).stdout
+    member = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "etc/motd"], input=data, capture_output=True,
+                            check=True).stdout
+    assert member == b"two\n"

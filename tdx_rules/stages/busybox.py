@@ -44,7 +44,7 @@ def applet_names(busybox_path: str) -> list:
 def extract_base(minirootfs: str, out: str) -> None:
     """Write the base fragment (busybox, musl loader, applet links) from ``minirootfs``."""
     entries = []
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".busybox.", dir=os.path.dirname(os.path.abspath(out))) as tmp:
         found = {}
         try:
             with tarfile.open(minirootfs, mode="r|*") as tar:

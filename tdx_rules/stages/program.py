@@ -26,7 +26,7 @@ def compile_c(cc: str, cflags, sources, out: str) -> None:
     if shutil.which(cc) is None:
         raise TdxError(f"compiler {cc} not found; install it (Debian: apt-get install musl-tools) or set TDX_CC")
     cwd = os.getcwd()
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out)) or ".") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".program.", dir=os.path.dirname(os.path.abspath(out)) or ".") as tmp:
         binary = os.path.join(tmp, "a.out")
         command = [cc, *cflags, *REPRODUCIBLE_CFLAGS, f"-ffile-prefix-map={cwd}=.", "-o", binary, *sources]
         result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
