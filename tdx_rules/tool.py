@@ -11,6 +11,7 @@ a stage: this module reads the environment when the SConstruct is read.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -296,7 +297,11 @@ def tdx_image(env, name, binary=None, rootfs=None, **options):
     if rootfs_node is not None:
         program_path = getattr(rootfs_node.attributes, "tdx_agent_path", AGENT_PATH)
     else:
-        program_path = "/usr/bin/" + os.path.basename(binary_node.path)
+        program_name = os.path.basename(binary_node.path)
+        if not re.match(r"^[A-Za-z0-9._+-]+$", program_name) or program_name.startswith("-"):
+            raise SCons.Errors.UserError(f"{where}: binary name {program_name!r} has characters a guest path "
+                                         "should not have; name the program with letters, digits, '.', '_', '+', '-'")
+        program_path = "/usr/bin/" + program_name
 
     # minirootfs -> busybox
     spec, deps = _spec_inputs(env, values["minirootfs"] or sources.alpine_spec(values["alpine_version"], values["alpine_minor"]),
