@@ -273,6 +273,14 @@ class DebPackage:
                         info.linkname = _normalise(info.linkname)
                     fileobj = tar.extractfile(info) if info.isreg() else None
                     yield info, (_Guarded(fileobj, self.path, info.name) if fileobj is not None else None)
+                    # Read what the consumer left of the body: tarfile would skip it by
+                    # seeking, which on a stream loops over the *declared* size (a header
+                    # claiming 100 GB in front of a short body took minutes).
+                    body = fileobj if fileobj is not None else (
+                        tar.extractfile(info) if info.type not in tarfile.SUPPORTED_TYPES else None)
+                    if body is not None:
+                        while body.read(CHUNK):
+                            pass
                 # tarfile ends quietly at a bare end of data: demand the end-of-archive
                 # block, then read the rest so the decompressor checks its trailer.
                 if counting.total < tar.offset + tarfile.BLOCKSIZE:

@@ -19,6 +19,11 @@ from ..errors import TdxError
 from ..fsutil import CHUNK
 from ._entry import run
 
+# Bounds on the work a hostile archive can cause: a member we keep may hold at most
+# MAX_MEMBER bytes, and reading stops (refused) before the decompressed stream passes
+# MAX_STREAM bytes (an Alpine minirootfs is under 16 MiB uncompressed).
+MAX_MEMBER = 64 << 20
+MAX_STREAM = 256 << 20
 WANTED = ("bin/busybox", "lib/ld-musl-x86_64.so.1", "lib/libc.musl-x86_64.so.1", "etc/alpine-release")
 _APPLET = re.compile(rb"^[a-z0-9\[][a-z0-9_.\[-]*$")
 
@@ -55,12 +60,21 @@ def extract_base(minirootfs: str, out: str) -> None:
                         continue
                     if name.startswith("/") or ".." in name.split("/"):
                         raise TdxError(f"{minirootfs}: unsafe member name {info.name!r}; refusing this archive")
-                    if name not in WANTED or name in found:
+                    if info.offset_data + info.size > MAX_STREAM:
+                        raise TdxError(f"{minirootfs}: member {name!r} ends past {MAX_STREAM >> 20} MiB of "
+                                       "uncompressed data; refusing this archive (not a minirootfs)")
+                    if name not in WANTED:
+                        if info.isreg():  # read the body through: tarfile's own skip is slow on a stream
+                            with tar.extractfile(info) as src:
+                                while src.read(CHUNK):
+                                    pass
                         continue
+                    if name in found:
+                        raise TdxError(f"{minirootfs}: member {name!r} appears twice; refusing this archive")
                     if info.issym():
                         found[name] = newc.symlink(name, info.linkname)
                     elif info.isfile():
-                        if info.size > 64 << 20:
+                        if info.size > MAX_MEMBER:
                             raise TdxError(f"{minirootfs}: {name} declares {info.size} bytes; refusing this archive")
                         local = os.path.join(tmp, name.replace("/", "_"))
                         with tar.extractfile(info) as src, open(local, "wb") as dst:
