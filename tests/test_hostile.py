@@ -245,3 +245,25 @@ def test_hostile(case_name, mode, tmp_path):
     finally:
         if isinstance(result, oci.Tree):
             result.cleanup()
+
+
+def test_kernel_package_whose_vmlinuz_is_a_symlink_is_refused(tmp_path):
+    """A symlinked kernel image would make the kernel stage copy a host file into the image."""
+    import subprocess
+
+    from tdx_rules.errors import TdxError
+    from tdx_rules.sources import Resolved
+    from tdx_rules.stages import kernel
+
+    pkg = tmp_path / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text("Package: evil-kernel\nVersion: 1\nArchitecture: amd64\n"
+                                            "Maintainer: nobody <n@example.org>\nDescription: x\n")
+    (pkg / "boot").mkdir()
+    os.symlink("/etc/hostname", pkg / "boot" / "vmlinuz-6.0.0-evil")
+    deb = tmp_path / "evil.deb"
+    subprocess.run(["dpkg-deb", "--build", "-Zgzip", str(pkg), str(deb)], check=True, capture_output=True)
+    with pytest.raises(TdxError, match="symlink"):
+        kernel.unpack_packages([Resolved("file:evil.deb", str(deb), "0" * 64, "file")], str(tmp_path / "cache"))
+    left = [p.name for p in (tmp_path / "cache" / "kernels").iterdir() if not p.name.endswith(".lock")]
+    assert left == []  # no unpacked tree, not even a partial one

@@ -74,6 +74,14 @@ def unpack_packages(debs: list, cache: str) -> str:
             os.makedirs(part)
             for deb in debs:
                 extract(deb.path, part, select=lambda name: bool(_KEEP.match(name)))
+            # A kernel or module that is a symlink would make later stages read a host file.
+            for top, _, names in os.walk(part):
+                for name in names:
+                    if os.path.islink(os.path.join(top, name)):
+                        shutil.rmtree(part, ignore_errors=True)
+                        rel = os.path.relpath(os.path.join(top, name), part)
+                        raise TdxError(f"kernel: {rel} in the kernel packages is a symlink, not a file; "
+                                       "refusing these packages")
             os.rename(part, tree)
     return tree
 
