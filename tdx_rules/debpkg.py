@@ -20,7 +20,6 @@ import bz2
 import contextlib
 import errno
 import gzip
-import io
 import lzma
 import os
 import stat
@@ -31,7 +30,7 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 import zstandard
 
 from .errors import TdxError
-from .fsutil import CHUNK
+from .fsutil import CHUNK, FileSlice
 
 AR_MAGIC = b"!<arch>\n"
 AR_HEADER_LEN = 60
@@ -44,28 +43,6 @@ _CORRUPT = (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, zstandard.Zs
 
 def _invalid(path: str, why: str) -> TdxError:
     return TdxError(f"{path}: not a valid .deb ({why}); download it again or check the source spec")
-
-
-class _Slice(io.RawIOBase):
-    """Read-only view of ``size`` bytes at ``offset`` of an open file."""
-
-    def __init__(self, handle: BinaryIO, offset: int, size: int):
-        super().__init__()
-        self._handle = handle
-        self._left = size
-        handle.seek(offset)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        want = min(len(buffer), self._left)
-        if want <= 0:
-            return 0
-        data = self._handle.read(want)
-        buffer[:len(data)] = data
-        self._left -= len(data)
-        return len(data)
 
 
 class _Counting:
@@ -230,7 +207,7 @@ class DebPackage:
     def _tar(self, member) -> Iterator[Tuple[tarfile.TarFile, _Counting]]:
         name, offset, size, suffix = member
         with open(self.path, "rb") as handle:
-            stream = _decompressor(_Slice(handle, offset, size), suffix)
+            stream = _decompressor(FileSlice(handle, offset, size), suffix)
             counting = _Counting(stream)
             try:
                 with tarfile.open(fileobj=counting, mode="r|") as tar:

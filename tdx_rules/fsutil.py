@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -65,3 +66,25 @@ def write_json(path, data) -> None:
     with atomic_output(path, "w") as out:
         json.dump(data, out, indent=1, sort_keys=True)
         out.write("\n")
+
+
+class FileSlice(io.RawIOBase):
+    """Read-only view of ``size`` bytes at ``offset`` of an open file (an ar or tar member)."""
+
+    def __init__(self, handle, offset: int, size: int):
+        super().__init__()
+        self._handle = handle
+        self._left = size
+        handle.seek(offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        want = min(len(buffer), self._left)
+        if want <= 0:
+            return 0
+        data = self._handle.read(want)
+        buffer[:len(data)] = data
+        self._left -= len(data)
+        return len(data)

@@ -61,7 +61,7 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 import zstandard
 
 from .errors import TdxError
-from .fsutil import CHUNK
+from .fsutil import CHUNK, FileSlice
 
 PLATFORM = "linux/amd64"
 MAX_JSON = 16 << 20  # manifests, indexes and configs larger than this are refused
@@ -175,28 +175,6 @@ class _HashingReader(io.RawIOBase):
         data = self._inner.read(size) if size is not None and size >= 0 else self._inner.read()
         self._account(data)
         return data
-
-
-class _Slice(io.RawIOBase):
-    """Read-only view of ``size`` bytes at ``offset`` of an open file."""
-
-    def __init__(self, handle: BinaryIO, offset: int, size: int):
-        super().__init__()
-        self._handle = handle
-        self._left = size
-        handle.seek(offset)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        want = min(len(buffer), self._left)
-        if want <= 0:
-            return 0
-        data = self._handle.read(want)
-        buffer[:len(data)] = data
-        self._left -= len(data)
-        return len(data)
 
 
 def _decompressed(buffered: io.BufferedReader):
@@ -588,7 +566,7 @@ class _TarArchive:
         @contextlib.contextmanager
         def opener():
             with open(self.path, "rb") as handle:
-                yield _Slice(handle, info.offset_data, info.size)
+                yield FileSlice(handle, info.offset_data, info.size)
         return opener
 
     def read_file(self, name: str) -> Optional[bytes]:
