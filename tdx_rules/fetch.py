@@ -40,6 +40,9 @@ from .fsutil import CHUNK, atomic_output
 
 MAX_REDIRECTS = 10
 RETRY_AFTER_CAP = 30.0
+# A body that arrives slower than this (bytes per second, averaged over `timeout`
+# seconds) counts as a stalled transfer and is retried, as curl's --speed-limit does.
+LOW_SPEED = 1024
 USER_AGENT = "tdx-rules"
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -150,18 +153,25 @@ def _attempt(url: str, dest: str, sha256: Optional[str], timeout: float, shown: 
             expected = int(length) if length.isdigit() else None
             digest = hashlib.sha256()
             got = 0
+            window_start, window_bytes = time.monotonic(), 0
             with atomic_output(dest) as out:
-                chunks = response.raw.stream(CHUNK, decode_content=False)
                 while True:
                     try:
-                        chunk = next(chunks)
-                    except StopIteration:
-                        break
+                        # read1: at most one read of the socket, so a trickling body is noticed.
+                        chunk = response.raw.read1(CHUNK, decode_content=False)
                     except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
                         raise _Transient(f"{_short(exc)} after {got} bytes") from None
+                    if not chunk:
+                        break
                     out.write(chunk)
                     digest.update(chunk)
                     got += len(chunk)
+                    window_bytes += len(chunk)
+                    elapsed = time.monotonic() - window_start
+                    if elapsed >= timeout:
+                        if window_bytes < LOW_SPEED * elapsed:
+                            raise _Transient(f"transfer slower than {LOW_SPEED} bytes/s after {got} bytes")
+                        window_start, window_bytes = time.monotonic(), 0
                 if expected is not None and got < expected:
                     raise _Transient(f"body ended after {got} of {expected} bytes")
                 actual = digest.hexdigest()

@@ -379,3 +379,16 @@ def test_apt_download_failures(local_apt, tmp_path):
     with pytest.raises(TdxError, match="not a Debian package name"):
         F.apt_download("-o=foo", cache=str(tmp_path), log=Log())
     assert os.listdir(tmp_path / "apt") == []
+
+
+def test_body_trickling_slower_than_the_speed_limit_is_retried_then_refused(http_server, tmp_path):
+    """Each piece arrives within the read timeout, but the whole transfer would take forever."""
+    body = b"x" * 1600  # served in 16 pieces of 100 bytes, 0.2 s apart: 500 bytes/s
+    url = http_server.add("/trickle", body, trickle=0.2)
+    sha = hashlib.sha256(body).hexdigest()
+    started = time.monotonic()
+    with pytest.raises(TdxError, match="slower than"):
+        F.fetch(url, sha, cache=str(tmp_path), log=Log(), backoff=0.01, timeout=0.5, retries=1)
+    assert time.monotonic() - started < 3.0
+    assert http_server.count("/trickle") == 2
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and "sha256" in p.parts] == []  # nothing cached
