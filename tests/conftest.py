@@ -81,3 +81,8 @@ def fast_project(tmp_path, small_kernel):
                "extra_files=OPTS.get('extra_files', {}), cmdline='console=ttyS0 panic=-1'")
     setup = "import json, os\nOPTS = json.load(open('opts.json')) if os.path.exists('opts.json') else {}"
     return write_project(tmp_path / "proj", options, setup)
+
+
+def fuzz_examples(default: int) -> int:
+    """Examples per hypothesis fuzz test: ``default`` in CI; TDX_FUZZ_SCALE=100 runs 100 times as many."""
+    return default * max(1, int(os.environ.get("TDX_FUZZ_SCALE", "1")))

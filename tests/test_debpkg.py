@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tests import debian
 from tdx_rules.debpkg import DebPackage, extract
 from tdx_rules.errors import TdxError
+from tests.conftest import fuzz_examples
 
 CONTROL = """Package: tdx-test
 Version: 1:2.0-3
@@ -429,7 +430,7 @@ def small_deb(tmp_path_factory):
     return open(deb, "rb").read()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_damaged_bytes_only_raise_tdxerror(small_deb, tmp_path_factory, data):
     blob = bytearray(small_deb)

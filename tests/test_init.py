@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tdx_rules import newc
 from tdx_rules.errors import TdxError
 from tdx_rules.stages import init as init_stage
+from tests.conftest import fuzz_examples
 
 BUSYBOX = "/bin/busybox"
 needs_busybox = pytest.mark.skipif(not os.access(BUSYBOX, os.X_OK), reason="needs /bin/busybox (busybox-static)")
@@ -355,7 +356,7 @@ _value_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_char
 
 
 @needs_busybox
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(args=st.lists(_value_text, max_size=5),
        env=st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True), _value_text, max_size=4))
 def test_any_text_arrives_verbatim(tmp_path_factory, args, env):

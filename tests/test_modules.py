@@ -26,6 +26,7 @@ from tdx_rules.stages import modules as mod
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import debian  # noqa: E402
+from tests.conftest import fuzz_examples
 
 ROOT = debian.ROOT
 
@@ -139,7 +140,7 @@ def test_parse_modinfo_malformed(data, words):
         mod.parse_modinfo_bytes(data, "bad.ko")
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=400))
 def test_fuzz_random_bytes(data):
     for blob in (data, b"\x7fELF\x02\x01\x01" + data):
@@ -152,7 +153,7 @@ def test_fuzz_random_bytes(data):
 VALID = make_elf([("license", "GPL"), ("depends", "a,b"), ("name", "fuzzed"), ("alias", "x")])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
        st.integers(0, len(VALID)))
 def test_fuzz_mutated_elf(edits, cut):

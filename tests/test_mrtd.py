@@ -27,6 +27,7 @@ from tdx_rules.measure.mrtd import (
     page_add_record,
 )
 from tdx_rules.measure.tdvf import TdvfMetadata, parse_tdvf
+from tests.conftest import fuzz_examples
 
 OVMF = "/usr/share/ovmf/OVMF.fd"
 needs_ovmf = pytest.mark.skipif(not os.path.isfile(OVMF),
@@ -435,7 +436,7 @@ def fuzz_dir(tmp_path_factory):
 
 
 @needs_ovmf
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     edits=st.lists(st.tuples(st.integers(0, TAIL - 1), st.integers(0, 255)), max_size=12),
     words=st.lists(st.tuples(st.sampled_from(FUZZ_WORDS), st.sampled_from(FUZZ_VALUES)), max_size=3),

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from tdx_rules.errors import TdxError
 from tdx_rules.measure import kernel_patch, pe, profiles, rtmr
 from tests import debian
+from tests.conftest import fuzz_examples
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -518,7 +519,7 @@ def test_rtmr2_without_command_line_or_initrd(tmp_path):
 
 # --- fuzzing: corrupt images give TdxError and nothing else --------------------------------
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, 0x3FF), st.binary(min_size=1, max_size=8)), max_size=6),
        cut=st.one_of(st.none(), st.integers(0, 0x6000)))
 def test_fuzz_mutated_kernel_headers(vmlinuz, edits, cut):

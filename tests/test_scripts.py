@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tdx_rules.errors import TdxError
+from tests.conftest import fuzz_examples
 from tdx_rules.stages import scripts as scripts_stage
 
 BUSYBOX = "/bin/busybox"
@@ -200,7 +201,7 @@ def test_launch_missing_file_is_reported(tmp_path, inputs, recorder):
     assert "OVMF.fd is not a readable file" in done.stderr and done.stderr.count("\n") == 1
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(15), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cmdline=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=60))
 def test_any_cmdline_arrives_verbatim(tmp_path_factory, cmdline):
     tmp_path = tmp_path_factory.mktemp("cmdline")
