@@ -277,6 +277,9 @@ def tdx_image(env, name, binary=None, rootfs=None, **options):
     if os.environ.get(settings_table.SKIP_VARIABLE, "").lower() in _TRUE:
         print(f"[tdx] {name}: skipped ({settings_table.SKIP_VARIABLE}={os.environ[settings_table.SKIP_VARIABLE]})")
         return []
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", name):
+        raise SCons.Errors.UserError(f"TdxImage({name!r}): the image name becomes file names and aliases; "
+                                     "use letters, digits, '.', '_', '+', '-'")
     if binary is None and rootfs is None:
         raise SCons.Errors.UserError(f"{where}: binary= is required (a file or the node of TdxStaticProgram), "
                                      "or rootfs= (the node of TdxExt4Rootfs)")
@@ -411,12 +414,13 @@ def tdx_image(env, name, binary=None, rootfs=None, **options):
     # manifest
     finals = [initrd[0], kernel[0], ovmf[0]] + list(scripts) + [measured[r][0] for r in ("mrtd", "rtmr1", "rtmr2")]
     transcripts = [measured[r][1] for r in ("mrtd", "rtmr1", "rtmr2")]
-    cfg = _config(env, work, "manifest", {"name": name, "settings": values})
+    # User strings (guest paths) travel in the config, never in the command line.
+    cfg = _config(env, work, "manifest", {"name": name, "settings": values, "extra_files": list(extra)})
     manifest_sources, manifest_args = [cfg], []
     for template, node in ([("--info {}", info) for info in (minirootfs[1], kernel[1], modules[1], ovmf[1])]
                            + [("--file program={}", node) for node in [binary_node] if node is not None]
                            + [("--file rootfs={}", node) for node in [rootfs_node] if node is not None]
-                           + [(f"--file extra:{guest.lstrip('/')}={{}}", node) for guest, node in zip(extra, extra_nodes)]
+                           + [("--extra-file {}", node) for node in extra_nodes]
                            + [("--output {}", node) for node in finals]
                            + [("--measurement {}", node) for node in transcripts]):
         manifest_args.append(template.format(f"${{SOURCES[{len(manifest_sources)}]}}"))

@@ -70,3 +70,20 @@ def test_program_names_that_need_quoting_are_refused_when_the_sconstruct_is_read
     open(sconstruct, "w").write(text)
     result = scons(fast_project, check=False)
     assert result.returncode != 0 and "binary" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_extra_file_names_with_shell_characters_are_stored_verbatim_and_newlines_refused(fast_project):
+    guest = "/etc/it's $(touch x) `y` *.conf"
+    with open(os.path.join(fast_project, "data.txt"), "w") as handle:
+        handle.write("payload\n")
+    with open(os.path.join(fast_project, "opts.json"), "w") as handle:
+        json.dump({"extra_files": {guest: "data.txt"}}, handle)
+    scons(fast_project)
+    raw = subprocess.run(["gzip", "-dc", os.path.join(fast_project, "build", "tdx", "hello", "hello-initramfs.cpio.gz")],
+                         capture_output=True, check=True).stdout
+    names = subprocess.run(["cpio", "-it", "--quiet"], input=raw, capture_output=True, check=True).stdout.decode()
+    assert guest.lstrip("/") in names.splitlines()
+    with open(os.path.join(fast_project, "opts.json"), "w") as handle:
+        json.dump({"extra_files": {"/etc/two\nlines": "data.txt"}}, handle)
+    result = scons(fast_project, check=False)
+    assert result.returncode != 0 and "newline" in result.stderr and "Traceback" not in result.stderr

@@ -26,7 +26,8 @@ def _measurements(transcripts) -> dict:
     return result
 
 
-def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=()) -> None:
+def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=(), extra_files=()) -> None:
+    """``extra_files``: host paths in the order of the config's ``extra_files`` guest paths."""
     inputs = {}
     for info_path in infos:
         stage = os.path.basename(info_path).split(".")[0]
@@ -34,6 +35,8 @@ def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=()
             info = json.load(handle)
         # The modules stage lists what it bundled; the fetching stages list their inputs.
         inputs[stage] = info.get("inputs", info.get("bundled", []))
+    files = list(files) + [("extra:" + guest.lstrip("/"), path)
+                           for guest, path in zip(config.get("extra_files", []), extra_files)]
     for label, path in files:
         inputs.setdefault(label, []).append({"file": os.path.basename(path), "sha256": sha256_file(path)})
     manifest = {
@@ -55,10 +58,13 @@ def main(argv):
     parser.add_argument("--file", action="append", default=[], help="LABEL=PATH of an input file")
     parser.add_argument("--output", action="append", default=[])
     parser.add_argument("--measurement", action="append", default=[], help="a measurement transcript JSON")
+    parser.add_argument("--extra-file", action="append", default=[],
+                        help="an extra file, in the order of the config's extra_files")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     files = [tuple(item.split("=", 1)) for item in args.file]
-    build_manifest(load_config(args.config), args.info, files, args.output, args.out, args.measurement)
+    build_manifest(load_config(args.config), args.info, files, args.output, args.out, args.measurement,
+                   args.extra_file)
 
 
 if __name__ == "__main__":
