@@ -30,7 +30,7 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 import zstandard
 
 from .errors import TdxError
-from .fsutil import CHUNK, FileSlice
+from .fsutil import CHUNK, FileSlice, expansion_exceeded
 
 AR_MAGIC = b"!<arch>\n"
 AR_HEADER_LEN = 60
@@ -46,15 +46,23 @@ def _invalid(path: str, why: str) -> TdxError:
 
 
 class _Counting:
-    """Pass-through reader that counts the bytes handed out."""
+    """Pass-through reader that counts the bytes handed out and stops a decompression bomb.
 
-    def __init__(self, inner):
+    ``compressed`` is the size of the member being decompressed; ``where`` names it in the error.
+    """
+
+    def __init__(self, inner, compressed: int = 0, where: str = ""):
         self._inner = inner
+        self._compressed = compressed
+        self._where = where
         self.total = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._inner.read(size)
         self.total += len(data)
+        if expansion_exceeded(self._compressed, self.total):
+            raise TdxError(f"{self._where}: expands to more than {self.total} bytes from {self._compressed} "
+                           "(a decompression bomb?); refusing this package")
         return data
 
 
@@ -208,7 +216,7 @@ class DebPackage:
         name, offset, size, suffix = member
         with open(self.path, "rb") as handle:
             stream = _decompressor(FileSlice(handle, offset, size), suffix)
-            counting = _Counting(stream)
+            counting = _Counting(stream, size, f"{self.path}: {name}")
             try:
                 with tarfile.open(fileobj=counting, mode="r|") as tar:
                     yield tar, counting

@@ -88,3 +88,15 @@ class FileSlice(io.RawIOBase):
         buffer[:len(data)] = data
         self._left -= len(data)
         return len(data)
+
+
+# Decompression-bomb bound for archives read from downloads and images: past
+# BOMB_FLOOR bytes of output, more than BOMB_RATIO bytes out per byte in is refused.
+# Real kernel packages expand about 4x and container layers rarely past 20x.
+BOMB_FLOOR = 256 << 20
+BOMB_RATIO = 100
+
+
+def expansion_exceeded(compressed: int, expanded: int) -> bool:
+    """Whether ``expanded`` output bytes from ``compressed`` input bytes look like a decompression bomb."""
+    return expanded > BOMB_FLOOR and expanded > BOMB_RATIO * max(compressed, 1)

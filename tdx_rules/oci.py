@@ -61,7 +61,7 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 import zstandard
 
 from .errors import TdxError
-from .fsutil import CHUNK, FileSlice
+from .fsutil import CHUNK, FileSlice, expansion_exceeded
 
 PLATFORM = "linux/amd64"
 MAX_JSON = 16 << 20  # manifests, indexes and configs larger than this are refused
@@ -148,9 +148,11 @@ class Layer:
 class _HashingReader(io.RawIOBase):
     """Raw reader that hashes (SHA-256) and counts every byte handed out."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, bomb_check=None, where: str = ""):
         super().__init__()
         self._inner = inner
+        self._bomb_check = bomb_check  # total -> True when the output is out of proportion
+        self._where = where
         self.sha256 = hashlib.sha256()
         self.total = 0
         self.nonzero = False  # whether any byte so far was not NUL (an empty tar is all NULs)
@@ -158,6 +160,9 @@ class _HashingReader(io.RawIOBase):
     def _account(self, data) -> None:
         self.sha256.update(data)
         self.total += len(data)
+        if self._bomb_check is not None and self._bomb_check(self.total):
+            raise TdxError(f"{self._where}: decompresses to more than {self.total} bytes, out of proportion to "
+                           "its compressed size (a decompression bomb?); refusing this image")
         if not self.nonzero and bytes(data).strip(b"\0"):
             self.nonzero = True
 
@@ -243,7 +248,8 @@ class TarLayer(Layer):
                 hashing = _HashingReader(raw)
                 buffered = io.BufferedReader(hashing, CHUNK)
                 stream = _decompressed(buffered)
-                diff = _HashingReader(stream)
+                diff = _HashingReader(stream, bomb_check=lambda total: expansion_exceeded(hashing.total, total),
+                                      where=f"layer {self.digest}")
                 try:
                     try:
                         tar = tarfile.open(fileobj=diff, mode="r|", errors="surrogateescape")
