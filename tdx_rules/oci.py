@@ -196,22 +196,14 @@ def _drain(stream) -> None:
         pass
 
 
+_TAR_KINDS = {tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: SYMLINK, tarfile.LNKTYPE: HARDLINK, tarfile.CHRTYPE: CHAR,
+              tarfile.BLKTYPE: BLOCK, tarfile.FIFOTYPE: FIFO}
+
+
 def _tar_member(info: tarfile.TarInfo) -> Member:
-    if info.isreg():
-        kind = FILE
-    elif info.isdir():
-        kind = DIR
-    elif info.issym():
-        kind = SYMLINK
-    elif info.islnk():
-        kind = HARDLINK
-    elif info.ischr():
-        kind = CHAR
-    elif info.isblk():
-        kind = BLOCK
-    elif info.isfifo():
-        kind = FIFO
-    else:
+    # isreg() also covers the old '\0' and contiguous-file types, so it is asked first.
+    kind = FILE if info.isreg() else _TAR_KINDS.get(info.type)
+    if kind is None:
         raise ValueError(f"member {info.name!r} has unsupported tar type {info.type!r}")
     xattrs = {}
     for key, value in info.pax_headers.items():

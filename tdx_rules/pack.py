@@ -74,55 +74,7 @@ BUFFER = 1 << 20
 
 # --- compressors -------------------------------------------------------------
 
-class _CountingWriter:
-    """Base of the compressing writers: counts input bytes for ``tell`` (newc pads with it)."""
-
-    def __init__(self):
-        self._size = 0
-        self._closed = False
-
-    def write(self, data) -> int:
-        if self._closed:
-            raise ValueError("write to a closed compressor")
-        self._size += len(data)
-        self._write(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self._size
-
-    def writable(self) -> bool:
-        return True
-
-    def flush(self) -> None:
-        """No-op: an early flush would change the compressed bytes."""
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._finish()
-
-    def abort(self) -> None:
-        self._closed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
-
-    def _write(self, data) -> None:
-        raise NotImplementedError
-
-    def _finish(self) -> None:
-        raise NotImplementedError
-
-
-class _PlainWriter(_CountingWriter):
+class _PlainWriter(pgzip.CountingWriter):
     def __init__(self, dst: BinaryIO):
         super().__init__()
         self._dst = dst
@@ -134,7 +86,7 @@ class _PlainWriter(_CountingWriter):
         pass
 
 
-class _XzWriter(_CountingWriter):
+class _XzWriter(pgzip.CountingWriter):
     def __init__(self, dst: BinaryIO, level: int):
         super().__init__()
         self._dst = dst
@@ -150,7 +102,7 @@ class _XzWriter(_CountingWriter):
         self._dst.write(self._comp.flush())
 
 
-class _ZstdWriter(_CountingWriter):
+class _ZstdWriter(pgzip.CountingWriter):
     def __init__(self, dst: BinaryIO, level: int, threads: int):
         super().__init__()
         import zstandard
@@ -168,7 +120,7 @@ class _ZstdWriter(_CountingWriter):
         self._stream.close()  # ends the frame; leaves dst open (closefd=False)
 
 
-class _Lz4LegacyWriter(_CountingWriter):
+class _Lz4LegacyWriter(pgzip.CountingWriter):
     def __init__(self, dst: BinaryIO, level: int, threads: int):
         super().__init__()
         import lz4.block

@@ -118,7 +118,57 @@ def _deflate_block(level: int, data: bytes, dictionary: bytes, last: bool) -> by
     return comp.compress(data) + comp.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
 
 
-class GzipWriter:
+class CountingWriter:
+    """Base of the compressing writers (gzip here, the others in pack): ``write`` counts the
+    input bytes for ``tell`` (newc pads with it), ``close`` finishes the stream and
+    ``abort`` abandons it. Subclasses provide ``_write`` and ``_finish``."""
+
+    def __init__(self):
+        self._size = 0
+        self._closed = False
+
+    def write(self, data) -> int:
+        if self._closed:
+            raise ValueError("write to a closed compressor")
+        self._size += len(data)
+        self._write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._size
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        """No-op: an early flush would change the compressed bytes."""
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._finish()
+
+    def abort(self) -> None:
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    def _write(self, data) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+
+class GzipWriter(CountingWriter):
     """A write-only file object producing thread-count-independent gzip on ``dst``.
 
     ``write`` buffers; ``close`` compresses the last block and writes the
@@ -132,14 +182,13 @@ class GzipWriter:
             raise TdxError(f"gzip level {level!r} is out of range: pick 1..9")
         if not isinstance(block_size, int) or block_size < 1024:
             raise TdxError(f"gzip block size {block_size!r} is too small: use at least 1024 bytes")
+        super().__init__()
         self._dst = dst
         self._level = level
         self._block_size = block_size
         self._buffer = bytearray()
         self._history = b""
         self._crc = 0
-        self._size = 0
-        self._closed = False
         self._pool = OrderedPool(self._compress, dst.write, resolve_threads(threads))
         dst.write(gzip_header(level))
 
@@ -151,33 +200,16 @@ class GzipWriter:
         self._pool.submit(block, self._history, last)
         self._history = (self._history + block)[-WINDOW:] if len(block) < WINDOW else block[-WINDOW:]
 
-    def write(self, data) -> int:
-        if self._closed:
-            raise ValueError("write to a closed GzipWriter")
-        length = len(data)
+    def _write(self, data) -> None:
         self._buffer += data
-        self._size += length
         # Keep at least one byte back: the last block must be the one that ends with Z_FINISH.
         while len(self._buffer) > self._block_size:
             with memoryview(self._buffer) as view:
                 block = bytes(view[:self._block_size])
             del self._buffer[:self._block_size]
             self._submit(block, last=False)
-        return length
 
-    def tell(self) -> int:
-        return self._size
-
-    def writable(self) -> bool:
-        return True
-
-    def flush(self) -> None:
-        """No-op: flushing early would change block boundaries, hence the bytes."""
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _finish(self) -> None:
         try:
             self._submit(bytes(self._buffer), last=True)
             self._buffer = bytearray()
@@ -189,19 +221,9 @@ class GzipWriter:
 
     def abort(self) -> None:
         """Stop without finishing the stream (the output is unusable)."""
-        self._closed = True
+        super().abort()
         self._buffer = bytearray()
         self._pool.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
 
 def compress_gzip(src_fileobj: BinaryIO, dst_fileobj: BinaryIO, level: int = 9, threads=None,
