@@ -56,19 +56,33 @@ def kernel_package_name() -> str:
     raise RuntimeError(f"cannot find the kernel package behind {KERNEL_META}")
 
 
-def kernel_tree() -> str:
-    """A directory with the Debian 6.12 kernel unpacked by dpkg-deb (boot/vmlinuz-*, lib/modules/<release>)."""
-    name = kernel_package_name()
-    target = os.path.join(CACHE, "trees", name)
+def _unpacked(deb: str, target: str) -> str:
     with _locked("tree"):
         if not os.path.isdir(target):
-            deb = package(name)
             tmp = target + ".part"
             subprocess.run(["rm", "-rf", tmp], check=True)
             os.makedirs(tmp)
             subprocess.run(["dpkg-deb", "-x", deb, tmp], check=True)
             os.rename(tmp, target)
     return target
+
+
+def package_tree(name: str) -> str:
+    """A directory with the candidate .deb of ``name`` unpacked by dpkg-deb (kept in the cache)."""
+    deb = package(name)
+    return _unpacked(deb, os.path.join(CACHE, "trees", os.path.basename(deb)[:-len(".deb")]))
+
+
+def package_version(name: str) -> str:
+    """The Version field of the candidate .deb of ``name``."""
+    return subprocess.run(["dpkg-deb", "-f", package(name), "Version"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def kernel_tree() -> str:
+    """A directory with the Debian 6.12 kernel unpacked by dpkg-deb (boot/vmlinuz-*, lib/modules/<release>)."""
+    name = kernel_package_name()
+    return _unpacked(package(name), os.path.join(CACHE, "trees", name))
 
 
 def kernel_release() -> str:
