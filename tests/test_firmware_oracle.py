@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -123,3 +124,28 @@ def test_the_measured_kernel_depends_on_memory_and_is_not_the_plain_file(tmp_pat
     assert pe.authenticode(kernel, "sha384") not in kernels.values()
     for memory, digest in kernels.items():
         assert rtmr.kernel_digest(kernel, 1000, memory, "console=ttyS0", profile) == digest
+
+
+def test_an_unsigned_kernel_of_odd_size_is_measured_as_we_hash_it(tmp_path, stack):
+    """edk2's own Authenticode code as the independent implementation: the signed kernel with its
+    certificate table removed and 5 bytes of trailing data (a size that is not a multiple of 8)."""
+    kernel, ovmf, profile = stack
+    with open(kernel, "rb") as handle:
+        image = bytearray(handle.read())
+    pe_offset = struct.unpack_from("<I", image, 0x3C)[0]
+    optional = pe_offset + 24
+    assert struct.unpack_from("<H", image, optional)[0] == 0x20B  # PE32+
+    security = optional + 112 + 4 * 8
+    cert_offset, cert_size = struct.unpack_from("<II", image, security)
+    assert cert_size > 0, "Debian's kernel is signed"
+    struct.pack_into("<II", image, security, 0, 0)
+    unsigned = bytes(image[:cert_offset]) + b"\x01\x02\x03\x04\x05"
+    assert len(unsigned) % 8 != 0
+    path = str(tmp_path / "vmlinuz-unsigned")
+    with open(path, "wb") as handle:
+        handle.write(unsigned)
+
+    extends = firmware_extends(tmp_path, path, ovmf, "2G", "console=ttyS0", None)
+    measured = [digest for pcr, digest in extends if pcr == 4 and digest != SEPARATOR][0]
+    assert rtmr.kernel_digest(path, None, "2G", "console=ttyS0", profile) == measured
+    assert rtmr.kernel_digest(kernel, None, "2G", "console=ttyS0", profile) != measured
