@@ -21,7 +21,7 @@ import SCons.Errors
 import SCons.Script
 
 from . import settings as settings_table
-from . import sources
+from . import sources, statcache
 from .errors import ERROR_PREFIX, TdxError
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -446,6 +446,8 @@ def generate(env):
         TDX_MIRROR=os.environ.get("TDX_RULES_MIRROR", ""),
     )
     env["_tdx_c_sources"] = _c_sources
+    # Content decisions as SCons makes them, without re-hashing unchanged files every run.
+    env.Decider(statcache.decider)
     env.Append(BUILDERS={"_TdxConfig": _CONFIG})
     env.AddMethod(tdx_static_program, "TdxStaticProgram")
     env.AddMethod(tdx_image, "TdxImage")
