@@ -94,6 +94,10 @@ def _copy_body(entry: Entry, out: BinaryIO) -> None:
         out.write(entry.data)
     elif entry.size:
         with open(entry.path, "rb") as inp:
+            copy_from = getattr(out, "copy_from", None)
+            if copy_from is not None and copy_from(inp, entry.offset, entry.size):
+                out.write(b"\0" * (-entry.size % 4))
+                return
             inp.seek(entry.offset)
             left = entry.size
             while left:
@@ -175,7 +179,7 @@ def merge(layers: Iterable[Iterable[Entry]]) -> List[Entry]:
             old = by_name.get(name)
             if old is not None and old.is_dir and entry.is_dir:
                 continue  # the first declaration of a directory keeps its mode
-            by_name[name] = dataclasses.replace(entry, name=name)
+            by_name[name] = entry if entry.name == name else dataclasses.replace(entry, name=name)
     for name in list(by_name):
         parent = os.path.dirname(name)
         while parent and parent not in by_name:
