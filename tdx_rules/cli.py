@@ -1,9 +1,13 @@
 """The ``tdx-rules`` command line.
 
-``tdx-rules measure``: the MRTD, RTMR[1] and RTMR[2] a TD launched from the
-given files will report, for verifiers and CI. ``tdx-rules pack``: a
-deterministic initramfs from a directory. Exit status 0 on success, 1 on bad
-input (one ``tdx-rules: error:`` line), 2 on bad usage.
+Subcommands: ``measure`` (the MRTD, RTMR[1], RTMR[2] a TD will report), ``pack`` (a
+deterministic initramfs from a directory), ``inspect`` (list an initramfs), ``diff`` (what
+differs between two images or two manifests), ``fetch`` (fill the download cache),
+``cache`` (list or clean it) and ``doctor`` (check the host's tools).
+
+Exit status: 0 on success; 1 on bad input (one ``tdx-rules: error:`` line on stderr);
+2 on bad usage.  ``diff``: 0 when the inputs are the same, 1 when they differ, 2 on
+bad input or usage (as diff(1)).  ``doctor``: 1 when a required tool is missing.
 """
 
 import argparse
@@ -48,11 +52,50 @@ def measure(args) -> dict:
     return result
 
 
+INSPECT_EXAMPLE = """example:
+  tdx-rules inspect build/tdx/hello/hello-initramfs.cpio.gz --hash
+reads every compression the kernel reads (gzip, zstd, xz, lzma, bzip2, lz4 legacy, none)
+and archives concatenated one after another, as the kernel does; --json prints a list
+of objects with path, type, mode, uid, gid, size, nlink, target, rdev, sha256."""
+
+DIFF_EXAMPLE = """examples:
+  tdx-rules diff old/hello-initramfs.cpio.gz new/hello-initramfs.cpio.gz
+  tdx-rules diff old/hello-manifest.json new/hello-manifest.json
+two images: '+ path' added, '- path' removed, '~ path: field old -> new' changed.
+two manifests: every setting, input, output and measurement value that differs; a
+measurement event is named with its register and description.
+exit status 0 when the same, 1 when different, 2 on bad input (as diff(1))."""
+
+FETCH_EXAMPLE = """examples:
+  tdx-rules fetch apt:linux-image-6.12-amd64 apt:ovmf alpine:3.19.1
+  TDX_RULES_CACHE=/srv/tdx-cache tdx-rules fetch https://example.org/OVMF.fd#sha256=<hex>
+fills the download cache the rules read, for builds without network (copy the cache
+directory to the air-gapped machine); prints each file with its SHA-256."""
+
+CACHE_EXAMPLE = """examples:
+  tdx-rules cache list
+  tdx-rules cache clean --older-than 30
+the cache is $TDX_RULES_CACHE, else ~/.cache/tdx-rules (or --cache DIR)."""
+
+DOCTOR_EXAMPLE = """example:
+  tdx-rules doctor
+prints one line per tool: 'ok' with where it was found, 'MISSING' (required) or
+'optional' with how to install it. Exit status 1 when a required tool is missing."""
+
+
+def _command(commands, name, help_text, epilog):
+    return commands.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tdx-rules", description="Tools of tdx-rules (TDX guest images for SCons).")
+    from . import cache, pack
+
+    parser = argparse.ArgumentParser(prog="tdx-rules", description="Tools of tdx-rules (TDX guest images for SCons).",
+                                     epilog="exit status: 0 ok, 1 bad input (one error line), 2 bad usage; "
+                                            "see each command's --help")
     commands = parser.add_subparsers(dest="command", required=True)
-    sub = commands.add_parser("measure", help="precompute MRTD, RTMR[1], RTMR[2]", epilog=MEASURE_EXAMPLE,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = _command(commands, "measure", "precompute MRTD, RTMR[1], RTMR[2]", MEASURE_EXAMPLE)
     sub.add_argument("--ovmf", help="firmware image (the combined OVMF.fd)")
     sub.add_argument("--kernel", help="kernel (bzImage) for direct boot")
     sub.add_argument("--initrd", help="initramfs as passed to -initrd")
@@ -62,26 +105,38 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--ovmf-version", default="2024.02-3+tdx1.0",
                      help="OVMF of the launch profile (default 2024.02-3+tdx1.0)")
     sub.add_argument("--json", action="store_true", help="print a JSON object with the registers and the events")
-    from . import pack
 
-    sub = commands.add_parser("pack", help=pack.PACK_HELP, description=pack.PACK_HELP, epilog=pack.PACK_EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = _command(commands, "pack", pack.PACK_HELP, pack.PACK_EPILOG)
     pack.add_arguments(sub)
+
+    sub = _command(commands, "inspect", "list the members of an initramfs like lsinitramfs -l", INSPECT_EXAMPLE)
+    sub.add_argument("image", help="initramfs file")
+    sub.add_argument("--hash", action="store_true", help="add the SHA-256 of every regular file")
+    sub.add_argument("--json", action="store_true", help="print a JSON list")
+
+    sub = _command(commands, "diff", "what differs between two images or two manifests", DIFF_EXAMPLE)
+    sub.add_argument("a", help="image or manifest (<name>-manifest.json)")
+    sub.add_argument("b", help="image or manifest, of the same kind as A")
+
+    sub = _command(commands, "fetch", "download sources into the cache (for air-gapped builds)", FETCH_EXAMPLE)
+    sub.add_argument("specs", nargs="+", metavar="SPEC", help="a source spec as the rules take it (apt:, alpine:, "
+                                                               "ubuntu-kernel:, canonical-ovmf:, https://…#sha256=)")
+    sub.add_argument("--cache", default=None, help="cache directory (default $TDX_RULES_CACHE or ~/.cache/tdx-rules)")
+    sub.add_argument("--mirror", default=os.environ.get("TDX_RULES_MIRROR", ""), help="mirror base URL")
+
+    sub = _command(commands, "cache", "list or clean the download cache", CACHE_EXAMPLE)
+    sub.add_argument("action", choices=("list", "clean"))
+    sub.add_argument("--cache", default=None, help="cache directory (default $TDX_RULES_CACHE or ~/.cache/tdx-rules)")
+    sub.add_argument("--older-than", type=float, default=0, metavar="DAYS",
+                     help="clean: only entries not modified for DAYS days (default: all)")
+
+    _command(commands, "doctor", "check the host for the tools the rules use", DOCTOR_EXAMPLE)
+    parser.set_defaults(cache_default=cache.default_dir())
     return parser
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "pack":
-            from . import pack
-
-            pack.run(args)
-            return 0
-        result = measure(args)
-    except TdxError as error:
-        print(ERROR_PREFIX + str(error), file=sys.stderr)
-        return 1
+def _print_measure(args) -> int:
+    result = measure(args)
     if args.json:
         print(json.dumps(result, indent=1, sort_keys=True))
     else:
@@ -89,6 +144,100 @@ def main(argv=None) -> int:
             if key in result:
                 print(f"{label:8} {result[key]}")
     return 0
+
+
+def _pack(args) -> int:
+    from . import pack
+
+    pack.run(args)
+    return 0
+
+
+def _inspect(args) -> int:
+    from . import archive
+
+    found = archive.members(args.image, with_hash=args.hash)
+    if args.json:
+        print(json.dumps([member.as_dict() for member in found], indent=1))
+        return 0
+    for member in found:
+        line = f"{member.mode_string()} {member.uid:>5}/{member.gid:<5} {member.size:>10} {member.path}"
+        if member.target is not None:
+            line += f" -> {member.target}"
+        if member.sha256:
+            line += f"  sha256:{member.sha256}"
+        print(line)
+    return 0
+
+
+def _diff(args) -> int:
+    from . import compare
+
+    manifests = compare.is_manifest(args.a), compare.is_manifest(args.b)
+    if manifests[0] != manifests[1]:
+        raise TdxError(f"compare an image with an image or a manifest with a manifest: {args.a} is "
+                       f"{'a manifest' if manifests[0] else 'an image'}, {args.b} is not")
+    lines = compare.diff_manifests(args.a, args.b) if manifests[0] else compare.diff_images(args.a, args.b)
+    for line in lines:
+        print(line)
+    return 1 if lines else 0
+
+
+def _fetch(args) -> int:
+    from . import sources
+
+    cache_dir = args.cache or args.cache_default
+    ctx = sources.Context(cache=cache_dir, mirror=args.mirror or None,
+                          log=lambda line: print(line, file=sys.stderr))
+    for text in args.specs:
+        spec = sources.parse(text, "fetch")
+        if spec.kind in ("file", "debian"):
+            raise TdxError(f"fetch: {text!r} needs no download ({spec.kind} sources are read at build time); "
+                           "for 'debian' fetch its packages: apt:busybox-static apt:musl")
+        for resolved in sources.materialize(spec, ctx, "fetch"):
+            print(f"{resolved.sha256}  {resolved.path}")
+    return 0
+
+
+def _cache(args) -> int:
+    from . import cache
+
+    cache_dir = args.cache or args.cache_default
+    if args.action == "list":
+        total = 0
+        for relative, size, _ in cache.entries(cache_dir):
+            print(f"{size:>12}  {relative}")
+            total += size
+        print(f"{total:>12}  total in {cache_dir}")
+        return 0
+    removed, freed = cache.clean(cache_dir, args.older_than)
+    print(f"removed {removed} entries ({freed} bytes) from {cache_dir}")
+    return 0
+
+
+def _doctor(args) -> int:
+    from . import doctor
+
+    results = doctor.run_checks()
+    for line in doctor.report(results):
+        print(line)
+    return 1 if doctor.missing_required(results) else 0
+
+
+COMMANDS = {"measure": _print_measure, "pack": _pack, "inspect": _inspect, "diff": _diff, "fetch": _fetch,
+            "cache": _cache, "doctor": _doctor}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TdxError as error:
+        print(ERROR_PREFIX + str(error), file=sys.stderr)
+        return 2 if args.command == "diff" else 1
+    except BrokenPipeError:  # `tdx-rules inspect x | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

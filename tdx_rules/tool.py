@@ -21,7 +21,7 @@ import SCons.Errors
 import SCons.Script
 
 from . import settings as settings_table
-from . import sources, statcache
+from . import cache, sources, statcache
 from .errors import ERROR_PREFIX, TdxError
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -442,7 +442,7 @@ def generate(env):
         TDX_PYTHON=sys.executable,
         TDX_CC="musl-gcc",
         TDX_CFLAGS="-Os",
-        TDX_CACHE=os.environ.get("TDX_RULES_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tdx-rules"),
+        TDX_CACHE=cache.default_dir(),
         TDX_MIRROR=os.environ.get("TDX_RULES_MIRROR", ""),
     )
     env["_tdx_c_sources"] = _c_sources

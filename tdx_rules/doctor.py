@@ -1,0 +1,79 @@
+"""``tdx-rules doctor``: which host tools the rules use are present, and how to get the rest."""
+
+import dataclasses
+import importlib.util
+import shutil
+from typing import Callable, List, Optional
+
+from .stages import program
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    used_for: str
+    install: str
+    found: Callable[[], Optional[str]]   # where it was found, or None
+    required: bool = True
+
+
+def _command(name: str) -> Callable[[], Optional[str]]:
+    return lambda: shutil.which(name)
+
+
+def _module(name: str) -> Callable[[], Optional[str]]:
+    def find():
+        spec = importlib.util.find_spec(name)
+        return spec.origin if spec else None
+    return find
+
+
+def _rust_target() -> Optional[str]:
+    if not shutil.which("rustc"):
+        return None
+    return program.RUST_TARGET if program.rust_target_installed() else None
+
+
+CHECKS = (
+    Check("musl-gcc", "C programs (TdxStaticProgram)", "apt-get install musl-tools", _command("musl-gcc")),
+    Check("cargo", "Rust programs (TdxStaticProgram with a Cargo.toml)", "https://rustup.rs or apt-get install cargo",
+          _command("cargo"), required=False),
+    Check(f"rust target {program.RUST_TARGET}", "static Rust programs", f"rustup target add {program.RUST_TARGET}",
+          _rust_target, required=False),
+    Check("qemu-system-x86_64", "the launch scripts, ./run demo", "apt-get install qemu-system-x86",
+          _command("qemu-system-x86_64"), required=False),
+    Check("mkfs.ext4", "container root filesystems (TdxExt4Rootfs)", "apt-get install e2fsprogs",
+          _command("mkfs.ext4")),
+    Check("debugfs", "container root filesystems (TdxExt4Rootfs)", "apt-get install e2fsprogs", _command("debugfs")),
+    Check("e2fsck", "the root filesystem cache check", "apt-get install e2fsprogs", _command("e2fsck")),
+    Check("apt-get", "apt: sources (kernel, OVMF, busybox from Debian/Ubuntu)", "a Debian or Ubuntu host",
+          _command("apt-get"), required=False),
+    Check("python: requests", "downloads", "pip install requests", _module("requests")),
+    Check("python: jinja2", "the init and launch scripts", "pip install jinja2", _module("jinja2")),
+    Check("python: filelock", "the shared download cache", "pip install filelock", _module("filelock")),
+    Check("python: zstandard", "zstd kernels and --compress zstd", "pip install zstandard", _module("zstandard")),
+    Check("python: lz4", "--compress lz4", "pip install lz4", _module("lz4")),
+    Check("python: SCons", "the build rules", "pip install scons", _module("SCons")),
+)
+
+
+def run_checks(checks=CHECKS) -> List[tuple]:
+    """(check, where found or None) for every check."""
+    return [(check, check.found()) for check in checks]
+
+
+def report(results) -> List[str]:
+    lines = []
+    width = max(len(check.name) for check, _ in results)
+    for check, where in results:
+        if where:
+            lines.append(f"ok       {check.name:{width}}  {where}")
+        else:
+            level = "MISSING " if check.required else "optional"
+            lines.append(f"{level} {check.name:{width}}  for {check.used_for}: {check.install}")
+    return lines
+
+
+def missing_required(results) -> bool:
+    return any(check.required and not where for check, where in results)
+
