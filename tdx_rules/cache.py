@@ -16,7 +16,9 @@ AREAS = ("sha256", "url", "apt", "kernels", "rootfs")
 
 def default_dir() -> str:
     """``$TDX_RULES_CACHE``, else ``~/.cache/tdx-rules``."""
-    return os.environ.get("TDX_RULES_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tdx-rules")
+    from .settings import default_cache_dir
+
+    return default_cache_dir()
 
 
 def _size(path: str) -> int:

@@ -189,6 +189,77 @@ BY_NAME = {setting.name: setting for setting in SETTINGS}
 SKIP_VARIABLE = "TDX_IMAGE_SKIP"
 
 
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """A construction variable the tool sets (``env.SetDefault``) and the builders read."""
+
+    name: str
+    default: Callable[[], Any]   # evaluated when the tool is loaded
+    shown: str                   # the default as the docs show it
+    used_by: Tuple[str, ...]
+    help: str
+
+
+def _python():
+    import sys
+    return sys.executable
+
+
+def default_cache_dir() -> str:
+    """``$TDX_RULES_CACHE``, else ``~/.cache/tdx-rules``: the download cache of every project."""
+    import os
+    return os.environ.get("TDX_RULES_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tdx-rules")
+
+
+def _mirror():
+    import os
+    return os.environ.get("TDX_RULES_MIRROR", "")
+
+
+VARIABLES = (
+    Variable("TDX_CC", lambda: "musl-gcc", "`musl-gcc`", ("TdxStaticProgram",),
+             "C compiler for C sources; it must link statically."),
+    Variable("TDX_CFLAGS", lambda: "-Os", "`-Os`", ("TdxStaticProgram",), "Flags for TDX_CC."),
+    Variable("TDX_CACHE", default_cache_dir, "`$TDX_RULES_CACHE`, else `~/.cache/tdx-rules`",
+             ("TdxImage", "TdxExt4Rootfs"), "Download and artifact cache shared by every project on the machine."),
+    Variable("TDX_MIRROR", _mirror, "`$TDX_RULES_MIRROR`, else none", ("TdxImage",),
+             "Base URL of a mirror tried before the upstream download addresses."),
+    Variable("TDX_PYTHON", _python, "the Python running SCons", ("TdxImage", "TdxStaticProgram", "TdxExt4Rootfs",
+                                                                   "TdxPack"),
+             "Interpreter the stage commands run with (left out of the signatures, so a CacheDir is shared "
+             "between machines)."),
+    Variable("TDX_VERBOSE", lambda: "", "off (also `VERBOSE=1` on the command line or in the environment)",
+             ("TdxImage", "TdxStaticProgram", "TdxExt4Rootfs", "TdxPack"),
+             "Print each stage's full command instead of its `[tdx] <stage> <name>` line."),
+)
+
+
+def construction_defaults() -> Dict[str, Any]:
+    """``{name: default}`` of every construction variable, for ``env.SetDefault``."""
+    return {variable.name: variable.default() for variable in VARIABLES}
+
+
+def help_text(images: Mapping[str, Tuple[str, ...]]) -> str:
+    """What ``scons -h`` shows for the images declared so far: ``{name: its stage aliases}``."""
+    import textwrap
+
+    lines = ["", "tdx-rules images (scons <alias>; outputs under build/tdx/<name>/ unless output_dir= is given):"]
+    for name, stages in images.items():
+        lines.append(f"  {name:<24} the whole image")
+        wrapped = textwrap.wrap("one stage: " + ", ".join(stages), 70)
+        lines.append(f"  {name + '-<stage>':<24} {wrapped[0]}")
+        lines += [f"  {'':<24} {more}" for more in wrapped[1:]]
+    lines.append("")
+    lines.append("tdx-rules options (TdxImage keyword; the environment variable wins over the keyword):")
+    for setting in SETTINGS:
+        default = "" if setting.default in (None, [], {}) else f" [default {setting.default!r}]"
+        variable = f" / {setting.env}" if setting.env else ""
+        lines.append(f"  {setting.name}{variable}{default}")
+        lines.append(f"      {setting.help.replace('`', '').replace('**', '')}")
+    lines.append(f"  {SKIP_VARIABLE}=1 skips every image; VERBOSE=1 prints the full commands.")
+    return "\n".join(lines) + "\n"
+
+
 def resolve(options: Mapping[str, Any], environ: Mapping[str, str]) -> Dict[str, Any]:
     """Apply precedence (variable > keyword > default) and parse every setting.
 

@@ -21,7 +21,7 @@ import SCons.Errors
 import SCons.Script
 
 from . import settings as settings_table
-from . import cache, sources, statcache
+from . import sources, statcache
 from .errors import ERROR_PREFIX, TdxError
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -100,6 +100,9 @@ def _stage(env, stage: str, label: str, targets, sources_, command: str):
                         IMPLICIT_COMMAND_DEPENDENCIES=0)
     code = [os.path.join(PACKAGE_DIR, name) for name in _COMMON + STAGE_CODE[stage]]
     env.Depends(nodes, [env.File(path) for path in code])
+    values = [getattr(getattr(node, "attributes", None), "tdx_config_value", None) for node in env.Flatten([sources_])]
+    if any(values):
+        env.Depends(nodes, [value for value in values if value is not None])
     return nodes
 
 
@@ -150,7 +153,12 @@ _CONFIG = SCons.Builder.Builder(action=SCons.Action.Action(_write_config, strfun
 def _config(env, work, stage: str, data: dict):
     """A stage's config file: canonical JSON of exactly the settings it reads."""
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return env._TdxConfig(work.File(f"{stage}.config.json"), env.Value(text))[0]
+    value = env.Value(text)
+    node = env._TdxConfig(work.File(f"{stage}.config.json"), value)[0]
+    # The stage also depends on the value itself, so that `scons -n`, which writes no config
+    # file, still sees a changed setting and lists the stages it would run.
+    node.attributes.tdx_config_value = value
+    return node
 
 
 def _user_error(where: str, error: TdxError):
@@ -169,7 +177,7 @@ def _spec_inputs(env, spec_text: str, what: str):
     return spec.text, []
 
 
-def tdx_static_program(env, target, source=None, **kw):
+def tdx_static_program(env, target, source=None, bin=None):
     """Build a static x86-64 workload from C sources, a Cargo.toml, or a prebuilt binary."""
     target = str(target)
     srcs = env.Flatten([source])
@@ -183,7 +191,7 @@ def tdx_static_program(env, target, source=None, **kw):
             dirs[:] = sorted(d for d in dirs if d not in ("target", ".git"))
             files += [os.path.join(root, n) for n in sorted(names)]
         deps = [env.File(first)] + [env.File(f) for f in files if not f.endswith("Cargo.toml")]
-        command = f"{_python('program')} rust --bin {kw.get('bin', os.path.basename(target))} --out $TARGET ${{SOURCES[0]}}"
+        command = f"{_python('program')} rust --bin {bin or os.path.basename(target)} --out $TARGET ${{SOURCES[0]}}"
     elif all(str(s).endswith((".c", ".h")) for s in srcs):
         deps = srcs
         command = (f'{_python("program")} c --cc $TDX_CC --cflags="$TDX_CFLAGS" --out $TARGET '
@@ -267,7 +275,7 @@ def _c_sources(nodes):
     return [n for n in nodes if str(n).endswith(".c")]
 
 
-def tdx_image(env, name, binary=None, rootfs=None, **options):
+def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
     """The rule: declare every stage of the image ``name``; return the final nodes.
 
     ``rootfs``: a node of ``TdxExt4Rootfs``; the init then mounts it from the
@@ -283,7 +291,6 @@ def tdx_image(env, name, binary=None, rootfs=None, **options):
     if binary is None and rootfs is None:
         raise SCons.Errors.UserError(f"{where}: binary= is required (a file or the node of TdxStaticProgram), "
                                      "or rootfs= (the node of TdxExt4Rootfs)")
-    output_dir = options.pop("output_dir", None)
     try:
         values = settings_table.resolve(options, os.environ)
     except TdxError as error:
@@ -433,18 +440,29 @@ def tdx_image(env, name, binary=None, rootfs=None, **options):
     env.Alias(name, finals)
     for stage, nodes in stage_targets.items():
         env.Alias(f"{name}-{stage}", nodes)
+    _IMAGES[name] = tuple(stage_targets)
+    _update_help()
     return finals
+
+
+_IMAGES = {}
+_HELP_SHOWN = []
+
+
+def _update_help() -> None:
+    """``scons -h``: SCons's own options, then the images and the options (one block, replaced
+    as each image is declared)."""
+    text = settings_table.help_text(_IMAGES)
+    current = SCons.Script.help_text
+    if _HELP_SHOWN and current is not None and current.endswith(_HELP_SHOWN[-1]):
+        SCons.Script.help_text = current[:-len(_HELP_SHOWN[-1])]
+    _HELP_SHOWN[:] = [text]
+    SCons.Script.Help(text, append=True)
 
 
 def generate(env):
     """Add the builders and the rule to ``env``; set every variable they read."""
-    env.SetDefault(
-        TDX_PYTHON=sys.executable,
-        TDX_CC="musl-gcc",
-        TDX_CFLAGS="-Os",
-        TDX_CACHE=cache.default_dir(),
-        TDX_MIRROR=os.environ.get("TDX_RULES_MIRROR", ""),
-    )
+    env.SetDefault(**settings_table.construction_defaults())
     env["_tdx_c_sources"] = _c_sources
     # Content decisions as SCons makes them, without re-hashing unchanged files every run.
     env.Decider(statcache.decider)
