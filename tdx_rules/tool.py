@@ -55,6 +55,8 @@ FINALIZE = ("compress", "mrtd", "rtmr1", "rtmr2", "scripts", "manifest")
 
 _TRUE = ("1", "true", "yes", "on")
 AGENT_PATH = "/sbin/vm-agent"
+# cargo and rustup are found through the user's PATH and home (~/.cargo, ~/.rustup).
+_RUST_ENV = ("PATH", "HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN")
 ROOTFS_DEVICE = "/dev/vda"
 # ext4 needs a crc32c implementation (a soft dependency, by alias, that modinfo does not resolve).
 ROOTFS_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
@@ -90,14 +92,18 @@ def _verbose(env) -> bool:
     return str(value).lower() in _TRUE
 
 
-def _stage(env, stage: str, label: str, targets, sources_, command: str):
-    """Declare one stage: a command action, its code as dependencies, its progress line."""
+def _stage(env, stage: str, label: str, targets, sources_, command: str, inherit=()):
+    """Declare one stage: a command action, its code as dependencies, its progress line.
+
+    ``inherit``: variables of the user's environment the command needs (a toolchain found
+    through PATH and HOME, as cargo is); they do not enter the build signature.
+    """
     # cmdstr=None would silence the action: leave it out to print the command.
     action = _StageAction(command, **({} if _verbose(env) else {"cmdstr": f"[tdx] {stage} {label}"}))
-    nodes = env.Command(targets, sources_, action,
-                        ENV=dict(env["ENV"], PYTHONPATH=os.pathsep.join(
-                            p for p in (os.path.dirname(PACKAGE_DIR), env["ENV"].get("PYTHONPATH")) if p)),
-                        IMPLICIT_COMMAND_DEPENDENCIES=0)
+    stage_env = dict(env["ENV"], PYTHONPATH=os.pathsep.join(
+        p for p in (os.path.dirname(PACKAGE_DIR), env["ENV"].get("PYTHONPATH")) if p))
+    stage_env.update({name: os.environ[name] for name in inherit if name in os.environ})
+    nodes = env.Command(targets, sources_, action, ENV=stage_env, IMPLICIT_COMMAND_DEPENDENCIES=0)
     code = [os.path.join(PACKAGE_DIR, name) for name in _COMMON + STAGE_CODE[stage]]
     env.Depends(nodes, [env.File(path) for path in code])
     values = [getattr(getattr(node, "attributes", None), "tdx_config_value", None) for node in env.Flatten([sources_])]
@@ -191,7 +197,12 @@ def tdx_static_program(env, target, source=None, bin=None):
             dirs[:] = sorted(d for d in dirs if d not in ("target", ".git"))
             files += [os.path.join(root, n) for n in sorted(names)]
         deps = [env.File(first)] + [env.File(f) for f in files if not f.endswith("Cargo.toml")]
-        command = f"{_python('program')} rust --bin {bin or os.path.basename(target)} --out $TARGET ${{SOURCES[0]}}"
+        from .stages.program import rust_build_target
+
+        # Chosen when the SConstruct is read, so that installing the musl target rebuilds.
+        command = (f"{_python('program')} rust --bin {bin or os.path.basename(target)} "
+                   f"--target {rust_build_target()} --out $TARGET ${{SOURCES[0]}}")
+        return _stage(env, "program", os.path.basename(target), [target], deps, command, inherit=_RUST_ENV)
     elif all(str(s).endswith((".c", ".h")) for s in srcs):
         deps = srcs
         command = (f'{_python("program")} c --cc $TDX_CC --cflags="$TDX_CFLAGS" --out $TARGET '

@@ -8,6 +8,7 @@ file, so the test needs no package index.
 """
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -18,11 +19,24 @@ import pytest
 from tests.conftest import DOWNLOAD_CACHE, ROOT, write_project
 
 
+def _clean_env():
+    """The environment without this checkout on the path (PYTHONPATH) or an active virtualenv."""
+    return {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+    """The wheel, built by `python -m build` from the files git tracks (copied: the build
+    writes egg-info beside the sources)."""
+    source = tmp_path_factory.mktemp("source") / "tdx-rules"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(source / name), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), source / name)
     out = tmp_path_factory.mktemp("dist")
-    result = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), ROOT],
-                            capture_output=True, text=True, env=dict(os.environ, PIP_RETRIES="0"))
+    result = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(source)],
+                            capture_output=True, text=True, env=dict(_clean_env(), PIP_RETRIES="0"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     wheels = [name for name in os.listdir(out) if name.endswith(".whl")]
     assert len(wheels) == 1, wheels
@@ -36,7 +50,7 @@ def installed(wheel, tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = os.path.join(venv, "bin", "python")
     result = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
-                             wheel], capture_output=True, text=True)
+                             wheel], capture_output=True, text=True, env=_clean_env())
     assert result.returncode == 0, result.stderr[-3000:]
     fresh_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                 capture_output=True, text=True, check=True).stdout.strip()
@@ -67,10 +81,12 @@ def test_installed_package_builds_an_image_outside_the_repository(installed, tmp
                f"modules_dir={small_kernel['modules_dir']!r}, ovmf='file:/usr/share/ovmf/OVMF.fd', "
                "cmdline='console=ttyS0'")
     write_project(outside, options)
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = _clean_env()
     env["TDX_RULES_CACHE"] = DOWNLOAD_CACHE
-    where = subprocess.run([installed, "-c", "import tdx_rules; print(tdx_rules.__file__, tdx_rules.TOOLPATH)"],
-                           cwd=outside, env=env, capture_output=True, text=True, check=True).stdout
+    found = subprocess.run([installed, "-c", "import tdx_rules; print(tdx_rules.__file__, tdx_rules.TOOLPATH)"],
+                           cwd=outside, env=env, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    where = found.stdout
     assert ROOT not in where and os.path.dirname(os.path.dirname(installed)) in where
     result = subprocess.run([installed, "-m", "SCons", "-Q", "hello"], cwd=outside, env=env,
                             capture_output=True, text=True)

@@ -1,0 +1,60 @@
+"""Every example builds from a copy of its directory, as a user would run it; the Rust and
+container workloads then run (the Rust binary on the host, the container image in a QEMU
+boot) and print their markers."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tdx_rules import elf
+from tdx_rules.boot import boot_tcg
+from tdx_rules.stages import program
+from tests.conftest import ROOT, scons, stages_run
+
+
+def copy_example(name, tmp_path):
+    project = str(tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, "examples", name), project,
+                    ignore=shutil.ignore_patterns("build", ".sconsign.dblite", ".tdx-csig.json", "target"))
+    return project
+
+
+def test_hello_example_builds(tmp_path):
+    project = copy_example("hello", tmp_path)
+    result = scons(project, "hello")
+    assert {"program", "cpio", "manifest"} <= stages_run(result)
+    assert os.path.getsize(os.path.join(project, "build", "tdx", "hello", "hello-initramfs.cpio.gz")) > 0
+
+
+@pytest.mark.skipif(shutil.which("cargo") is None, reason="cargo is not installed")
+def test_rust_example_builds_a_static_binary_and_says_which_target(tmp_path):
+    project = copy_example("rust", tmp_path)
+    result = scons(project, "hello-rust")
+    assert {"program", "cpio", "manifest"} <= stages_run(result)
+    binary = os.path.join(project, "hello-tdx")
+    elf.check_static_x86_64(binary, "hello-tdx")
+    glibc = program.rust_build_target() == program.RUST_GLIBC_TARGET
+    assert ("building a static glibc binary" in result.stdout) == glibc
+    run = subprocess.run([binary], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and "HELLO-FROM-RUST-IN-TDX" in run.stdout
+    out = os.path.join(project, "build", "tdx", "hello-rust")
+    assert stages_run(scons(project, "hello-rust")) == set()
+    console = boot_tcg(os.path.join(out, "hello-rust-vmlinuz"), os.path.join(out, "hello-rust-initramfs.cpio.gz"),
+                       until="RUST-DONE", timeout=300)
+    assert "[tdx-init] starting /usr/bin/hello-tdx" in console and "HELLO-FROM-RUST-IN-TDX" in console
+
+
+def test_container_example_boots_and_runs_the_agent_from_the_image(tmp_path):
+    project = copy_example("container", tmp_path)
+    result = scons(project, "container", env={"SOURCE_DATE_EPOCH": "1700000000"})
+    assert {"program", "rootfs", "cpio", "manifest"} <= stages_run(result)
+    out = os.path.join(project, "build", "tdx", "container")
+    subprocess.run(["e2fsck", "-fn", os.path.join(project, "build", "rootfs.ext4")], check=True,
+                   capture_output=True)
+    console = boot_tcg(os.path.join(out, "container-vmlinuz"), os.path.join(out, "container-initramfs.cpio.gz"),
+                       cmdline="console=ttyS0 panic=-1", rootfs=os.path.join(project, "build", "rootfs.ext4"),
+                       until="AGENT-DONE", timeout=300)
+    assert "AGENT-FROM-CONTAINER-ROOTFS" in console
+    assert "container file: greetings from the container image's root filesystem" in console
