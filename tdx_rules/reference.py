@@ -49,10 +49,12 @@ BUILDERS = (
     BuilderDoc(
         "TdxStaticProgram", "tdx_static_program",
         "A static x86-64 workload: C sources compiled with TDX_CC (musl-gcc), a Rust crate (its Cargo.toml) "
-        "built for x86_64-unknown-linux-musl, or a prebuilt static ELF that is only checked.",
+        "built for x86_64-unknown-linux-musl when that target is installed, else as a static glibc binary "
+        "(`-C target-feature=+crt-static`, reported), or a prebuilt static ELF that is only checked.",
         "env.TdxStaticProgram('hello', ['hello.c'])  # or ['Cargo.toml'], or ['prebuilt-binary']",
         {"target": "Output file.",
-         "source": "C sources (`.c`, `.h`), a `Cargo.toml`, or one prebuilt executable.",
+         "source": "C sources (`.c`, `.h`), a `Cargo.toml` (its Cargo.lock, build.rs and everything under "
+                   "`src/` are dependencies; add others with `env.Depends`), or one prebuilt executable.",
          "bin": "Rust only: the binary of the crate to build (default: the target's file name)."},
         ("the static executable at `target` (a dynamic binary is refused)",)),
     BuilderDoc(

@@ -191,12 +191,15 @@ def tdx_static_program(env, target, source=None, bin=None):
         raise SCons.Errors.UserError(f"TdxStaticProgram('{target}'): no sources given")
     first = str(srcs[0])
     if os.path.basename(first) == "Cargo.toml":
+        # The crate's sources: Cargo.toml, Cargo.lock, build.rs and everything under src/.
+        # (Not the whole directory: the SConstruct, .sconsign and the outputs may live there.)
         crate = os.path.dirname(env.File(first).srcnode().abspath)
-        files = []
-        for root, dirs, names in os.walk(crate):
-            dirs[:] = sorted(d for d in dirs if d not in ("target", ".git"))
+        files = [os.path.join(crate, name) for name in ("Cargo.lock", "build.rs")
+                 if os.path.isfile(os.path.join(crate, name))]
+        for root, dirs, names in os.walk(os.path.join(crate, "src")):
+            dirs.sort()
             files += [os.path.join(root, n) for n in sorted(names)]
-        deps = [env.File(first)] + [env.File(f) for f in files if not f.endswith("Cargo.toml")]
+        deps = [env.File(first)] + [env.File(f) for f in files]
         from .stages.program import rust_build_target
 
         # Chosen when the SConstruct is read, so that installing the musl target rebuilds.
