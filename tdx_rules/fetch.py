@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -124,6 +125,43 @@ def _locked(cache: str, key: str):
         lock.release()
 
 
+class _Progress:
+    """A one-line progress bar on a terminal (stdout); nothing when stdout is not one, where
+    the ``[tdx] fetch`` line per file is the whole report."""
+
+    INTERVAL = 0.2
+
+    def __init__(self, name: str, total: Optional[int]):
+        self.name, self.total = name, total
+        self.enabled = sys.stdout.isatty()
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def update(self, done: int, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now - self.last < self.INTERVAL:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-6) / 1e6
+        if self.total:
+            filled = min(30, 30 * done // self.total)
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * done // self.total:3d}% " \
+                  f"{done / 1e6:.1f}/{self.total / 1e6:.1f} MB"
+        else:
+            bar = f"{done / 1e6:.1f} MB"
+        sys.stdout.write(f"\r[tdx] {self.name} {bar} {rate:.1f} MB/s")
+        if final:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.shown = True
+
+    def finish(self, done: int) -> None:
+        if self.shown or (self.enabled and done):
+            self.update(done, final=True)
+
+
 def _attempt(url: str, dest: str, sha256: Optional[str], timeout: float, shown: str) -> None:
     """One GET of ``url`` into ``dest`` (atomically); raise _Transient or TdxError."""
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
@@ -154,6 +192,7 @@ def _attempt(url: str, dest: str, sha256: Optional[str], timeout: float, shown: 
             digest = hashlib.sha256()
             got = 0
             window_start, window_bytes = time.monotonic(), 0
+            progress = _Progress(_basename(url, None), expected)
             with atomic_output(dest) as out:
                 while True:
                     try:
@@ -166,12 +205,14 @@ def _attempt(url: str, dest: str, sha256: Optional[str], timeout: float, shown: 
                     out.write(chunk)
                     digest.update(chunk)
                     got += len(chunk)
+                    progress.update(got)
                     window_bytes += len(chunk)
                     elapsed = time.monotonic() - window_start
                     if elapsed >= timeout:
                         if window_bytes < LOW_SPEED * elapsed:
                             raise _Transient(f"transfer slower than {LOW_SPEED} bytes/s after {got} bytes")
                         window_start, window_bytes = time.monotonic(), 0
+                progress.finish(got)
                 if expected is not None and got < expected:
                     raise _Transient(f"body ended after {got} of {expected} bytes")
                 actual = digest.hexdigest()

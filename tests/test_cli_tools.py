@@ -243,3 +243,42 @@ def test_every_subcommand_help_has_an_example(command):
     result = cli(command, "--help")
     assert result.returncode == 0
     assert "example" in result.stdout and f"tdx-rules {command}" in result.stdout
+
+
+def run_on_a_terminal(args, env):
+    """Run ``python -m tdx_rules ARGS`` with stdout on a pseudo-terminal; (exit status, output)."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdout and stderr are the terminal
+        os.execve(sys.executable, [sys.executable, "-m", "tdx_rules", *args], env)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], 60)
+        if not ready:
+            break
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
+
+
+def test_downloads_show_a_progress_bar_on_a_terminal_and_one_line_otherwise(tmp_path):
+    body = os.urandom(3 << 20)
+    digest = hashlib.sha256(body).hexdigest()
+    with HttpServer() as server:
+        url = server.add("/big.bin", body)
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        status, output = run_on_a_terminal(["fetch", f"{url}#sha256={digest}", "--cache", str(tmp_path / "a")], env)
+        assert status == 0, output
+        assert "\r[tdx] big.bin [" in output and "100% 3.1/3.1 MB" in output
+        plain = cli("fetch", f"{url}#sha256={digest}", "--cache", str(tmp_path / "b"))
+        assert plain.returncode == 0
+        assert "\r" not in plain.stdout + plain.stderr and "%" not in plain.stdout + plain.stderr
+        assert plain.stderr.count("[tdx] fetch ") == 1
