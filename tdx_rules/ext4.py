@@ -423,19 +423,10 @@ def _copy(src: str, dst: str) -> None:
             shutil.copyfileobj(inp, out, CHUNK)
 
 
-def _link(src: str, dst: str) -> bool:
-    try:
-        os.link(src, dst, follow_symlinks=False)
-        return True
-    except OSError:  # another filesystem, or links not allowed: copy instead
-        return False
-
-
 def _stage(staging: str, ordered: List[_Inode], epoch: int) -> None:
     """Regular files, directories and symlinks below ``staging``, every time ``epoch``."""
     os.chmod(staging, 0o700)
     staged: List[str] = ["/"]
-    linked = set()  # bodies already hard-linked into the staging tree
     for inode in ordered:
         path = inode.paths[0]
         if path == "/":
@@ -447,10 +438,6 @@ def _stage(staging: str, ordered: List[_Inode], epoch: int) -> None:
         elif inode.type == FILE:
             if inode.body is None:
                 os.close(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-            elif inode.body not in linked and _link(inode.body, host):
-                # The body's own inode, shared with nothing else in the staging tree (a second file
-                # with the same body gets a copy: mkfs -d would make the two one inode).
-                linked.add(inode.body)
             else:
                 _copy(inode.body, host)
             os.chmod(host, 0o600)
