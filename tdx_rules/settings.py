@@ -11,8 +11,11 @@ image without editing the SConstruct, as with the reference builder.
 """
 
 import dataclasses
+import os
 import re
 import shlex
+import sys
+import textwrap
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from .errors import TdxError
@@ -201,18 +204,15 @@ class Variable:
 
 
 def _python():
-    import sys
     return sys.executable
 
 
 def default_cache_dir() -> str:
     """``$TDX_RULES_CACHE``, else ``~/.cache/tdx-rules``: the download cache of every project."""
-    import os
     return os.environ.get("TDX_RULES_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tdx-rules")
 
 
 def _mirror():
-    import os
     return os.environ.get("TDX_RULES_MIRROR", "")
 
 
@@ -241,8 +241,6 @@ def construction_defaults() -> Dict[str, Any]:
 
 def help_text(images: Mapping[str, Tuple[str, ...]]) -> str:
     """What ``scons -h`` shows for the images declared so far: ``{name: its stage aliases}``."""
-    import textwrap
-
     lines = ["", "tdx-rules images (scons <alias>; outputs under build/tdx/<name>/ unless output_dir= is given):"]
     for name, stages in images.items():
         lines.append(f"  {name:<24} the whole image")
@@ -312,7 +310,5 @@ def update_readme(path: str) -> bool:
 
 
 if __name__ == "__main__":
-    import sys
-
     for readme in sys.argv[1:] or ["README.md"]:
         print(f"{readme}: {'updated' if update_readme(readme) else 'up to date'}")

@@ -106,9 +106,10 @@ def _stage(env, stage: str, label: str, targets, sources_, command: str, inherit
     nodes = env.Command(targets, sources_, action, ENV=stage_env, IMPLICIT_COMMAND_DEPENDENCIES=0)
     code = [os.path.join(PACKAGE_DIR, name) for name in _COMMON + STAGE_CODE[stage]]
     env.Depends(nodes, [env.File(path) for path in code])
-    values = [getattr(getattr(node, "attributes", None), "tdx_config_value", None) for node in env.Flatten([sources_])]
-    if any(values):
-        env.Depends(nodes, [value for value in values if value is not None])
+    values = [node.attributes.tdx_config_value for node in env.Flatten([sources_])
+              if hasattr(getattr(node, "attributes", None), "tdx_config_value")]
+    if values:
+        env.Depends(nodes, values)
     return nodes
 
 

@@ -414,3 +414,22 @@ def test_hard_links_into_full_directories(tmp_path):
         assert "Links: 4 " in debugfs(result.path, [f"stat /many/a-{kind}"])[0]
     assert found[links["file"][2]][1:] == (stat.S_IFREG | 0o640, 7, 8)
     assert len([p for p in found if p.startswith("/many/")]) == 4 + 54 + 12
+
+
+def test_the_callers_files_are_left_as_they_were(tmp_path):
+    """Building reads the agent and the bodies; it never changes their mode, times or content."""
+    directory = str(tmp_path / "p")
+    os.makedirs(directory)
+    fx.write_oci(os.path.join(directory, "image"))
+    agent = os.path.join(directory, "agent")
+    with open(agent, "wb") as out:
+        out.write(AGENT)
+    os.chmod(agent, 0o750)
+    os.utime(agent, (1234567, 7654321))
+    before = os.stat(agent)
+    with oci.apply_layers(oci.open_image(os.path.join(directory, "image"))) as tree:
+        ext4.build_ext4(tree, agent, out=os.path.join(directory, "out.ext4"), epoch=EPOCH)
+    after = os.stat(agent)
+    assert (after.st_mode, after.st_mtime_ns, after.st_nlink) == (before.st_mode, before.st_mtime_ns, before.st_nlink)
+    with open(agent, "rb") as handle:
+        assert handle.read() == AGENT
