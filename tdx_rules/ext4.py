@@ -423,10 +423,31 @@ def _copy(src: str, dst: str) -> None:
             shutil.copyfileobj(inp, out, CHUNK)
 
 
-def _stage(staging: str, ordered: List[_Inode], epoch: int) -> None:
-    """Regular files, directories and symlinks below ``staging``, every time ``epoch``."""
+def _link(src: str, dst: str) -> bool:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+        return True
+    except OSError:  # another filesystem, or links not allowed: copy instead
+        return False
+
+
+def _private_body(body: str, store: Optional[str]) -> bool:
+    """Whether ``body`` lies in ``store``, the image tree's own body store (never a caller's file)."""
+    if not store:
+        return False
+    return os.path.dirname(os.path.dirname(os.path.abspath(body))) == os.path.abspath(store)
+
+
+def _stage(staging: str, ordered: List[_Inode], epoch: int, store: Optional[str] = None) -> None:
+    """Regular files, directories and symlinks below ``staging``, every time ``epoch``.
+
+    A body from ``store`` (the tree's private store) is hard-linked, not copied, the first
+    time it is used; the staging then changes that private file's mode and times, never a
+    caller's. A second file with the same body gets a copy: mkfs -d would merge the two.
+    """
     os.chmod(staging, 0o700)
     staged: List[str] = ["/"]
+    linked = set()
     for inode in ordered:
         path = inode.paths[0]
         if path == "/":
@@ -438,6 +459,8 @@ def _stage(staging: str, ordered: List[_Inode], epoch: int) -> None:
         elif inode.type == FILE:
             if inode.body is None:
                 os.close(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            elif inode.body not in linked and _private_body(inode.body, store) and _link(inode.body, host):
+                linked.add(inode.body)
             else:
                 _copy(inode.body, host)
             os.chmod(host, 0o600)
@@ -645,7 +668,7 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
             conf.write(MKE2FS_CONF)
         env = _env(epoch, work)
         try:
-            _stage(staging, unique, epoch)
+            _stage(staging, unique, epoch, getattr(tree, "store", None))
             script = _script(unique, epoch, work)
             with open(script_path, "wb") as handle:
                 handle.write(script)

@@ -874,6 +874,7 @@ class Tree:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             os.chmod(directory, 0o700)
         self.root = _Node(DIR, 0o755)
+        self._tmp_count = 0
 
     def __enter__(self):
         return self
@@ -929,9 +930,19 @@ class Tree:
 
     # ---- storing bodies
 
+    def _new_tmp(self) -> Tuple[int, str]:
+        """A new private file in the store's tmp/ (numbered: cheaper than mkstemp's random names)."""
+        while True:
+            self._tmp_count += 1
+            tmp = os.path.join(self.store, "tmp", str(self._tmp_count))
+            try:
+                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), tmp
+            except FileExistsError:
+                continue
+
     def _store(self, reader) -> Tuple[str, int, str]:
         digest = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=os.path.join(self.store, "tmp"))
+        fd, tmp = self._new_tmp()
         size = 0
         try:
             with os.fdopen(fd, "wb") as out:

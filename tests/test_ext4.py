@@ -433,3 +433,19 @@ def test_the_callers_files_are_left_as_they_were(tmp_path):
     assert (after.st_mode, after.st_mtime_ns, after.st_nlink) == (before.st_mode, before.st_mtime_ns, before.st_nlink)
     with open(agent, "rb") as handle:
         assert handle.read() == AGENT
+
+
+def test_linked_and_copied_staging_give_the_same_image(tmp_path):
+    """Bodies of the tree's own store are hard-linked into the staging tree; a plain list of
+    entries (no store) is copied. The images are the same bytes."""
+    directory = str(tmp_path / "p")
+    os.makedirs(directory)
+    fx.write_oci(os.path.join(directory, "image"))
+    agent = os.path.join(directory, "agent")
+    with open(agent, "wb") as out:
+        out.write(AGENT)
+    with oci.apply_layers(oci.open_image(os.path.join(directory, "image"))) as tree:
+        linked = ext4.build_ext4(tree, agent, out=os.path.join(directory, "linked.ext4"), epoch=EPOCH)
+        copied = ext4.build_ext4(tree.entries(), agent, out=os.path.join(directory, "copied.ext4"), epoch=EPOCH)
+    digests = [hashlib.sha256(open(image.path, "rb").read()).hexdigest() for image in (linked, copied)]
+    assert digests[0] == digests[1]
