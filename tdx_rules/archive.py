@@ -17,10 +17,9 @@ from typing import Iterator, Optional
 
 from .errors import TdxError
 from .fsutil import expansion_exceeded
+from .newc import HEADER_LEN, TRAILER, header_fields
 
 CHUNK = 1 << 20
-HEADER_LEN = 110
-TRAILER = "TRAILER!!!"
 LZ4_LEGACY_MAGIC = 0x184C2102
 MAGICS = (
     (b"\x1f\x8b", "gzip"),
@@ -249,10 +248,9 @@ def _archive(stream, path: str, segment: int, kind: str, with_hash: bool) -> Ite
         head = _read_exact(stream, HEADER_LEN, path, f"header in segment {segment}")
         if head[:6] not in (b"070701", b"070702"):
             raise TdxError(f"{path}: segment {segment}: not a newc header ({head[:6]!r})")
-        try:
-            fields = [int(head[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
-        except ValueError:
-            raise TdxError(f"{path}: segment {segment}: corrupt newc header") from None
+        fields = header_fields(head)
+        if fields is None:
+            raise TdxError(f"{path}: segment {segment}: corrupt newc header")
         mode, uid, gid, nlink, size = fields[1], fields[2], fields[3], fields[4], fields[6]
         rdev, namesize = (fields[9], fields[10]), fields[11]
         raw = _read_exact(stream, namesize, path, "member name")

@@ -122,6 +122,15 @@ def write_fragment(path, entries: Iterable[Entry]) -> None:
         _write_entries(out, entries, mtime=0, number=False)
 
 
+def header_fields(head: bytes) -> Optional[List[int]]:
+    """The 13 numbers of a 110-byte newc header (ino, mode, uid, gid, nlink, mtime, filesize,
+    devmajor, devminor, rdevmajor, rdevminor, namesize, check), or None if one is not hex."""
+    try:
+        return [int(head[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+    except ValueError:
+        return None
+
+
 def read_entries(path) -> Iterator[Entry]:
     """Stream the entries of a newc file (fragment or archive) without reading bodies.
 
@@ -138,10 +147,9 @@ def read_entries(path) -> Iterator[Entry]:
                 return
             if len(head) < HEADER_LEN or head[:6] != MAGIC:
                 raise TdxError(f"{path}: not a newc cpio archive at offset {pos}")
-            try:
-                fields = [int(head[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
-            except ValueError:
-                raise TdxError(f"{path}: corrupt newc header at offset {pos}") from None
+            fields = header_fields(head)
+            if fields is None:
+                raise TdxError(f"{path}: corrupt newc header at offset {pos}")
             mode, size, rmaj, rmin, namesize = fields[1], fields[6], fields[9], fields[10], fields[11]
             raw = inp.read(namesize)
             if namesize == 0 or len(raw) != namesize or raw[-1:] != b"\0":
