@@ -103,5 +103,6 @@ def cache_for(directory: str) -> StatCache:
 def decider(dependency, target, prev_ni, repo_node=None) -> bool:
     """SCons's ``content`` decision, with file signatures served from the stat cache."""
     if isinstance(dependency, SCons.Node.FS.File):
-        cache_for(dependency.fs.SConstruct_dir.get_abspath()).prime(dependency)
+        top = dependency.fs.SConstruct_dir  # None when SCons runs without an SConstruct
+        cache_for(top.get_abspath() if top is not None else os.getcwd()).prime(dependency)
     return dependency.changed_content(target, prev_ni, repo_node)
