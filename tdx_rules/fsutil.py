@@ -7,6 +7,8 @@ import json
 import os
 import tempfile
 
+from .errors import TdxError
+
 CHUNK = 1 << 20
 
 
@@ -101,3 +103,28 @@ BOMB_RATIO = 100
 def expansion_exceeded(compressed: int, expanded: int) -> bool:
     """Whether ``expanded`` output bytes from ``compressed`` input bytes look like a decompression bomb."""
     return expanded > BOMB_FLOOR and expanded > BOMB_RATIO * max(compressed, 1)
+
+
+CACHE_PREFIX = "cache:"
+
+
+def cache_relative(path, cache: str):
+    """``path`` as the kernel info records it: ``cache:<relative>`` inside the download cache
+    (so the info stays valid on a machine whose cache lives elsewhere, as when it comes from
+    a shared CacheDir), else absolute; None stays None."""
+    if path is None:
+        return None
+    path, cache = os.path.abspath(path), os.path.abspath(cache)
+    if os.path.commonpath([path, cache]) == cache:
+        return CACHE_PREFIX + os.path.relpath(path, cache).replace(os.sep, "/")
+    return path
+
+
+def resolve_recorded(path, cache: str):
+    """The directory a recorded ``modules_root`` names on this machine."""
+    if path is None or not path.startswith(CACHE_PREFIX):
+        return path
+    relative = path[len(CACHE_PREFIX):]
+    if relative.startswith("/") or ".." in relative.split("/"):
+        raise TdxError(f"kernel info names {path!r}, which is not inside the download cache; rebuild the kernel stage")
+    return os.path.join(cache, relative)

@@ -364,7 +364,7 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
     modules = _stage(env, "modules", name, [work.File("modules.frag"), work.File("modules.info.json")],
                      [cfg, kernel[1]] + user_module_files,
                      f"{_python('modules')} --config ${{SOURCES[0]}} --kernel-info ${{SOURCES[1]}} "
-                     f"--out ${{TARGETS[0]}} --info ${{TARGETS[1]}}")
+                     f"--out ${{TARGETS[0]}} --info ${{TARGETS[1]}} {_CACHE_ARGS}")
     stage_targets["modules"] = modules
 
     # init

@@ -509,3 +509,40 @@ def test_user_file_with_unknown_suffix(fake_tree, tmp_path):
     odd.write_bytes(VALID)
     with pytest.raises(TdxError, match="drv.ko.bak does not exist or is not a .ko"):
         mod.bundle(fake_tree, "9.9.9-test", [], [str(odd)], tmp_path / "f", tmp_path / "i.json")
+
+
+def run_modules_stage(tmp_path, kernel_info, cache):
+    config = tmp_path / "modules.config.json"
+    config.write_text(json.dumps({"kernel_modules": []}))
+    info = tmp_path / "kernel.info.json"
+    info.write_text(json.dumps(kernel_info))
+    command = [sys.executable, "-m", "tdx_rules.stages.modules", "--config", str(config), "--kernel-info", str(info),
+               "--out", str(tmp_path / "modules.frag"), "--info", str(tmp_path / "modules.info.json"),
+               "--cache", str(cache)]
+    return subprocess.run(command, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def test_kernel_tree_recorded_relative_to_the_cache_is_found_in_another_cache(tmp_path, small_kernel):
+    """A kernel info retrieved from a shared CacheDir names its tree inside the download
+    cache; the modules stage finds it in this machine's cache, wherever that lives."""
+    from tdx_rules.fsutil import cache_relative
+
+    release = debian.kernel_release()
+    source = os.path.join(small_kernel["modules_dir"], "lib", "modules", release)
+    first = tmp_path / "cache-on-machine-a"
+    shutil.copytree(source, first / "kernels" / "k1" / "lib" / "modules" / release)
+    recorded = cache_relative(str(first / "kernels" / "k1" / "lib" / "modules" / release), str(first))
+    assert recorded == f"cache:kernels/k1/lib/modules/{release}"
+    second = tmp_path / "elsewhere" / "cache-on-machine-b"
+    shutil.copytree(first, second)
+    shutil.rmtree(first)
+    result = run_modules_stage(tmp_path, {"release": release, "modules_root": recorded}, second)
+    assert result.returncode == 0, result.stderr
+    bundled = json.loads((tmp_path / "modules.info.json").read_text())["bundled"]
+    assert "tdx_guest" in {module["name"] for module in bundled}
+    missing = run_modules_stage(tmp_path, {"release": release, "modules_root": recorded}, tmp_path / "empty-cache")
+    assert missing.returncode == 1
+    assert "is not in the download cache" in missing.stderr and "--cache-disable" in missing.stderr
+    escape = run_modules_stage(tmp_path, {"release": release, "modules_root": "cache:../outside"}, second)
+    assert escape.returncode == 1 and "not inside the download cache" in escape.stderr

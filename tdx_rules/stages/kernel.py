@@ -21,7 +21,7 @@ import filelock
 
 from ..debpkg import DebPackage, extract
 from ..errors import TdxError
-from ..fsutil import copy_file, write_json
+from ..fsutil import cache_relative, copy_file, write_json
 from ..sources import materialize, parse
 from ._entry import load_config, run
 from .common import context, fetching_stage_arguments, input_record
@@ -126,7 +126,7 @@ def build_kernel(spec_text: str, modules_dir, ctx, out_kernel: str, out_info: st
                                "point it at a modules tree for this kernel")
     release_from_bzimage(vmlinuz)  # refuses anything that is not a bzImage
     copy_file(vmlinuz, out_kernel, mode=0o644)
-    write_json(out_info, {"release": release, "modules_root": os.path.abspath(modules_root) if modules_root else None,
+    write_json(out_info, {"release": release, "modules_root": cache_relative(modules_root, ctx.cache),
                           "inputs": records})
 
 

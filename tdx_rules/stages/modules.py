@@ -40,7 +40,7 @@ import zstandard
 
 from .. import newc
 from ..errors import TdxError
-from ..fsutil import CHUNK, sha256_file, write_json
+from ..fsutil import CACHE_PREFIX, CHUNK, resolve_recorded, sha256_file, write_json
 from ._entry import run
 
 # The modules a TDX guest needs for attestation (configfs-tsm, tdx_guest) and
@@ -504,6 +504,8 @@ def main(argv) -> None:
     parser.add_argument("--kernel-info", required=True, help='kernel stage JSON: {"release", "modules_root"}')
     parser.add_argument("--out", required=True, help="fragment to write")
     parser.add_argument("--info", required=True, help="info JSON to write")
+    parser.add_argument("--cache", default=None, help="download cache (resolves cache: paths of the kernel info)")
+    parser.add_argument("--mirror", default="", help="unused here; accepted like every fetching stage")
     args = parser.parse_args(argv)
     config = _load_json(args.config, "module stage config")
     kernel = _load_json(args.kernel_info, "kernel info")
@@ -514,6 +516,15 @@ def main(argv) -> None:
     root = kernel.get("modules_root")
     if root is not None and not isinstance(root, str):
         raise TdxError(f"modules_root in {args.kernel_info} must be a directory path or null; rebuild the kernel stage")
+    if root is not None and root.startswith(CACHE_PREFIX):
+        if not args.cache:
+            raise TdxError(f"{args.kernel_info} names a kernel tree in the download cache; pass --cache")
+        root = resolve_recorded(root, args.cache)
+        if not os.path.isdir(root):
+            raise TdxError(f"the kernel's modules tree {root} is not in the download cache (the kernel stage was "
+                           "probably retrieved from a CacheDir without its download cache): restore the download "
+                           "cache together with the CacheDir, or rebuild the kernel stage with "
+                           "`scons --cache-disable <image>-kernel`")
     bundle(root, release, TDX_MODULES, user, args.out, args.info)
 
 
