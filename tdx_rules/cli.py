@@ -203,6 +203,8 @@ def _cache(args) -> int:
     from . import cache
 
     cache_dir = args.cache or args.cache_default
+    if args.older_than < 0:
+        raise TdxError(f"--older-than {args.older_than:g}: give a number of days, 0 or more")
     if args.action == "list":
         total = 0
         for relative, size, _ in cache.entries(cache_dir):
