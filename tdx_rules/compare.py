@@ -11,6 +11,7 @@ from typing import List
 
 from . import archive
 from .errors import TdxError
+from .fsutil import read_json_object
 
 FIELDS = ("kind", "mode", "uid", "gid", "size", "target", "rdev", "sha256")
 
@@ -58,16 +59,7 @@ def diff_images(a, b) -> List[str]:
 
 
 def _load_manifest(path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except OSError as error:
-        raise TdxError(f"{path}: cannot read: {error.strerror}") from None
-    except ValueError as error:
-        raise TdxError(f"{path}: not a JSON manifest ({error})") from None
-    if not isinstance(data, dict):
-        raise TdxError(f"{path}: not a tdx-rules manifest (a JSON object is expected)")
-    return data
+    return read_json_object(path, "manifest", "give a <name>-manifest.json written by the image rule")
 
 
 def _flatten(value, prefix: str, out: dict) -> None:

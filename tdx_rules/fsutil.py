@@ -64,6 +64,21 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
+def read_json_object(path, what: str, hint: str) -> dict:
+    """The JSON object in ``path``; a TdxError naming ``what`` and ending with ``hint`` if the
+    file cannot be read, is not JSON or holds something other than an object."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as error:
+        raise TdxError(f"cannot read {what} {path}: {error.strerror}") from None
+    except ValueError as error:
+        raise TdxError(f"{what} {path} is not valid JSON ({error}); {hint}") from None
+    if not isinstance(data, dict):
+        raise TdxError(f"{what} {path} must hold a JSON object; {hint}")
+    return data
+
+
 def write_json(path, data) -> None:
     """Canonical JSON (sorted keys), written atomically."""
     with atomic_output(path, "w") as out:

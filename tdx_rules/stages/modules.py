@@ -27,7 +27,6 @@ import gzip
 import hashlib
 import heapq
 import io
-import json
 import lzma
 import os
 import stat
@@ -40,7 +39,7 @@ import zstandard
 
 from .. import newc
 from ..errors import TdxError
-from ..fsutil import CACHE_PREFIX, CHUNK, resolve_recorded, sha256_file, write_json
+from ..fsutil import CACHE_PREFIX, CHUNK, read_json_object, resolve_recorded, sha256_file, write_json
 from ._entry import run
 
 # The modules a TDX guest needs for attestation (configfs-tsm, tdx_guest) and
@@ -484,19 +483,6 @@ def parse_modinfo_file(source: _Source) -> dict:
 
 # --- command line ----------------------------------------------------------
 
-def _load_json(path, what) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except OSError as error:
-        raise TdxError(f"cannot read {what} {path}: {error.strerror}") from None
-    except ValueError as error:
-        raise TdxError(f"{what} {path} is not valid JSON ({error}); rebuild it") from None
-    if not isinstance(data, dict):
-        raise TdxError(f"{what} {path} must hold a JSON object; rebuild it")
-    return data
-
-
 def main(argv) -> None:
     parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.modules",
                                      description="Bundle the kernel modules a TDX guest needs as a newc fragment.")
@@ -507,8 +493,8 @@ def main(argv) -> None:
     parser.add_argument("--cache", default=None, help="download cache (resolves cache: paths of the kernel info)")
     parser.add_argument("--mirror", default="", help="unused here; accepted like every fetching stage")
     args = parser.parse_args(argv)
-    config = _load_json(args.config, "module stage config")
-    kernel = _load_json(args.kernel_info, "kernel info")
+    config = read_json_object(args.config, "module stage config", "rebuild it")
+    kernel = read_json_object(args.kernel_info, "kernel info", "rebuild it")
     user = config.get("kernel_modules") or []
     if not isinstance(user, list) or not all(isinstance(item, str) for item in user):
         raise TdxError(f"kernel_modules in {args.config} must be a list of module names or .ko file paths")
