@@ -90,14 +90,20 @@ def expected_model():
     ]
 
 
-def build_fixture(directory, epoch=EPOCH, mtime=1700000000, **kw):
+def write_inputs(directory, mtime=1700000000):
+    """The fixture OCI layout and the agent in ``directory``; (layout path, agent path)."""
     os.makedirs(directory, exist_ok=True)
     fx.write_oci(os.path.join(directory, "image"), mtime=mtime)
     agent = os.path.join(directory, "agent")
     with open(agent, "wb") as out:
         out.write(AGENT)
     os.utime(agent, (mtime, mtime))
-    with oci.apply_layers(oci.open_image(os.path.join(directory, "image"))) as tree:
+    return os.path.join(directory, "image"), agent
+
+
+def build_fixture(directory, epoch=EPOCH, mtime=1700000000, **kw):
+    image, agent = write_inputs(directory, mtime)
+    with oci.apply_layers(oci.open_image(image)) as tree:
         return ext4.build_ext4(tree, agent, out=os.path.join(directory, "out", "rootfs.ext4"), epoch=epoch, **kw)
 
 
@@ -419,15 +425,11 @@ def test_hard_links_into_full_directories(tmp_path):
 def test_the_callers_files_are_left_as_they_were(tmp_path):
     """Building reads the agent and the bodies; it never changes their mode, times or content."""
     directory = str(tmp_path / "p")
-    os.makedirs(directory)
-    fx.write_oci(os.path.join(directory, "image"))
-    agent = os.path.join(directory, "agent")
-    with open(agent, "wb") as out:
-        out.write(AGENT)
+    image, agent = write_inputs(directory)
     os.chmod(agent, 0o750)
     os.utime(agent, (1234567, 7654321))
     before = os.stat(agent)
-    with oci.apply_layers(oci.open_image(os.path.join(directory, "image"))) as tree:
+    with oci.apply_layers(oci.open_image(image)) as tree:
         ext4.build_ext4(tree, agent, out=os.path.join(directory, "out.ext4"), epoch=EPOCH)
     after = os.stat(agent)
     assert (after.st_mode, after.st_mtime_ns, after.st_nlink) == (before.st_mode, before.st_mtime_ns, before.st_nlink)
@@ -439,12 +441,8 @@ def test_linked_and_copied_staging_give_the_same_image(tmp_path):
     """Bodies of the tree's own store are hard-linked into the staging tree; a plain list of
     entries (no store) is copied. The images are the same bytes."""
     directory = str(tmp_path / "p")
-    os.makedirs(directory)
-    fx.write_oci(os.path.join(directory, "image"))
-    agent = os.path.join(directory, "agent")
-    with open(agent, "wb") as out:
-        out.write(AGENT)
-    with oci.apply_layers(oci.open_image(os.path.join(directory, "image"))) as tree:
+    image, agent = write_inputs(directory)
+    with oci.apply_layers(oci.open_image(image)) as tree:
         linked = ext4.build_ext4(tree, agent, out=os.path.join(directory, "linked.ext4"), epoch=EPOCH)
         copied = ext4.build_ext4(tree.entries(), agent, out=os.path.join(directory, "copied.ext4"), epoch=EPOCH)
     digests = [hashlib.sha256(open(image.path, "rb").read()).hexdigest() for image in (linked, copied)]
