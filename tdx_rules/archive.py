@@ -18,9 +18,9 @@ from typing import Iterator, Optional
 from .errors import TdxError
 from .fsutil import expansion_exceeded
 from .newc import HEADER_LEN, TRAILER, header_fields
+from .pack import LZ4_LEGACY_MAGIC
 
 CHUNK = 1 << 20
-LZ4_LEGACY_MAGIC = 0x184C2102
 MAGICS = (
     (b"\x1f\x8b", "gzip"),
     (b"\x28\xb5\x2f\xfd", "zstd"),

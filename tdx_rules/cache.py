@@ -14,13 +14,6 @@ from typing import List, Tuple
 AREAS = ("sha256", "url", "apt", "kernels", "rootfs")
 
 
-def default_dir() -> str:
-    """``$TDX_RULES_CACHE``, else ``~/.cache/tdx-rules``."""
-    from .settings import default_cache_dir
-
-    return default_cache_dir()
-
-
 def _size(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)

@@ -89,7 +89,7 @@ def _command(commands, name, help_text, epilog):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import cache, pack
+    from . import pack, settings
 
     parser = argparse.ArgumentParser(prog="tdx-rules", description="Tools of tdx-rules (TDX guest images for SCons).",
                                      epilog="exit status: 0 ok, 1 bad input (one error line), 2 bad usage; "
@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="clean: only entries not modified for DAYS days (default: all)")
 
     _command(commands, "doctor", "check the host for the tools the rules use", DOCTOR_EXAMPLE)
-    parser.set_defaults(cache_default=cache.default_dir())
+    parser.set_defaults(cache_default=settings.default_cache_dir())
     return parser
 
 

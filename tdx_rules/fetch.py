@@ -135,7 +135,6 @@ class _Progress:
         self.name, self.total = name, total
         self.enabled = sys.stdout.isatty()
         self.start = self.last = time.monotonic()
-        self.shown = False
 
     def update(self, done: int, final: bool = False) -> None:
         if not self.enabled:
@@ -155,11 +154,9 @@ class _Progress:
         if final:
             sys.stdout.write("\n")
         sys.stdout.flush()
-        self.shown = True
 
     def finish(self, done: int) -> None:
-        if self.shown or (self.enabled and done):
-            self.update(done, final=True)
+        self.update(done, final=True)
 
 
 def _attempt(url: str, dest: str, sha256: Optional[str], timeout: float, shown: str) -> None:

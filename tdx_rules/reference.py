@@ -104,9 +104,6 @@ def render(doc: BuilderDoc) -> str:
     signature = _signature(doc)
     for name, default in signature.items():
         lines.append(f"| `{name}` | {_show(default)} | {doc.keywords[name]} |")
-    extra = [k for k in doc.keywords if k not in signature]
-    for name in extra:
-        lines.append(f"| `{name}` | — | {doc.keywords[name]} |")
     if doc.image_settings:
         lines += ["", "## Options", "",
                   "Keywords of the rule. Each may also come from its environment variable, which wins over the "
