@@ -42,10 +42,8 @@ CHECKS = (
           _rust_target, required=False),
     Check("qemu-system-x86_64", "the launch scripts, ./run demo", "apt-get install qemu-system-x86",
           _command("qemu-system-x86_64"), required=False),
-    Check("mkfs.ext4", "container root filesystems (TdxExt4Rootfs)", "apt-get install e2fsprogs",
-          _command("mkfs.ext4")),
-    Check("debugfs", "container root filesystems (TdxExt4Rootfs)", "apt-get install e2fsprogs", _command("debugfs")),
-    Check("e2fsck", "the root filesystem cache check", "apt-get install e2fsprogs", _command("e2fsck")),
+    Check("e2fsck", "container root filesystems (TdxExt4Rootfs): checks each image built or reused",
+          "apt-get install e2fsprogs", _command("e2fsck")),
     Check("apt-get", "apt: sources (kernel, OVMF, busybox from Debian/Ubuntu)", "a Debian or Ubuntu host",
           _command("apt-get"), required=False),
     Check("python: requests", "downloads", "pip install requests", _module("requests")),
@@ -53,6 +51,8 @@ CHECKS = (
     Check("python: filelock", "the shared download cache", "pip install filelock", _module("filelock")),
     Check("python: zstandard", "zstd kernels and --compress zstd", "pip install zstandard", _module("zstandard")),
     Check("python: lz4", "--compress lz4", "pip install lz4", _module("lz4")),
+    Check("python: google_crc32c", "fast ext4 metadata checksums (a slow built-in fallback exists)",
+          "pip install google-crc32c", _module("google_crc32c"), required=False),
     Check("python: SCons", "the build rules", "pip install scons", _module("SCons")),
 )
 

@@ -1,65 +1,32 @@
 """Reproducible ext4 root filesystem images from an unpacked container image, without root.
 
 :func:`build_ext4` turns a :class:`tdx_rules.oci.Tree` (or a list of its
-entries) plus an agent binary into an ext4 image in three steps, none of
-which needs root, a mount or a loop device:
-
-1. a staging directory gets the regular files, directories and symlinks
-   (host modes 0600/0700, every mtime and atime set to ``epoch``); device
-   nodes and fifos are never created on the host;
-2. ``mkfs.ext4 -d STAGING`` (e2fsprogs >= 1.47.0) builds the filesystem;
-3. one ``debugfs -w -f SCRIPT`` run sets what an unprivileged staging copy
-   cannot carry: owners, exact modes (setuid, setgid, sticky), device nodes
-   and fifos (``mknod``), hard links to them and to symlinks (``expand_dir``,
-   ``ln`` plus ``links_count``; hard links of regular files are host hard
-   links in the staging directory, which mkfs links and counts), xattrs
-   (``ea_set``) and every timestamp (``atime``/``ctime``/``mtime``/``crtime``
-   and their ``*_extra`` words) of every inode, to ``epoch``.
+entries) plus an agent binary into an ext4 image. The filesystem is written
+by :mod:`tdx_rules.ext4_writer`, block by block, from the model: no staging
+tree, no ``mkfs``, no mount, no loop device, no root. Owners, modes
+(setuid, setgid, sticky), device nodes, fifos, hard links, symlinks and xattrs
+come from the model alone, so the host never creates a device node or chowns
+a file. File bodies are copied with ``copy_file_range`` from where the tree
+keeps them: the layer tar itself (uncompressed layers) or the tree's store.
 
 ``e2fsck -fn`` checks the result before it is renamed over ``out``; nothing
 is left behind on failure.
 
-Same tree, agent, epoch, size and label give a byte-identical image,
-whatever the host: the sources of variation neutralised are
+Same tree, agent, epoch, size and label give a byte-identical image whatever
+the host, its clock, umask, file times or the build directory:
 
-* filesystem UUID and directory hash seed: ``-U`` and ``-E hash_seed=`` are
-  derived from a SHA-256 over the whole input (paths, metadata, content
-  digests, agent, epoch, size, label); the metadata checksum seed and the
-  journal superblock's UUID follow from the UUID;
-* clocks: ``E2FSPROGS_FAKE_TIME=epoch`` makes libext2fs stamp ``s_mkfs_time``,
-  ``s_lastcheck``, ``s_wtime`` (mkfs and debugfs), new inodes' ``crtime`` and
-  the journal, resize and lost+found inodes with ``epoch``. libext2fs takes 0
-  as "unset" and would use the real clock, so epoch 0 is passed as 2**32,
-  which its 32-bit fields truncate to 0. The superblock stamps are read back
-  and checked;
-* host metadata copied by ``mkfs -d``: owner, mode and atime/mtime/ctime of
-  the staging files (the host ctime cannot be set) are overwritten by the
-  debugfs script; their xattrs (SELinux labels, default ACLs inherited from
-  the output directory) are never copied (``-E no_copy_xattrs``: removing
-  them afterwards would leave an empty in-inode xattr header behind);
-* order: ``mkfs -d`` scans directories with ``alphasort`` (``strcoll``), so it
-  runs with ``LC_ALL=C``; inode and block allocation then follow that order;
-  the debugfs script is written in sorted order;
-* configuration: a private ``mke2fs.conf`` (``MKE2FS_CONFIG``) pins the
-  features, and the environment is reduced to ``PATH`` and the variables
-  above (no ``MKE2FS_*`` / ``E2FSPROGS_*`` settings of the caller leak in);
-* lazy initialisation: ``-E assume_storage_prezeroed=1,nodiscard`` on a
-  freshly created (all-zero) image file marks inode tables as zeroed whatever
-  the host kernel supports (mkfs otherwise probes
-  ``/sys/fs/ext4/features/lazy_itable_init`` and the discard support of the
-  host filesystem);
-* inode generation numbers are 0 (libext2fs never sets them) and
-  ``s_kbytes_written`` counts the same writes every time.
+* the filesystem UUID and directory hash seed are derived from a SHA-256 over
+  the whole input (paths, metadata, content identities, agent, epoch, size,
+  label); the metadata checksum seed and the journal's UUID follow from it;
+* every timestamp (inodes, superblock write/check/mkfs times) is ``epoch``,
+  inode generations are 0, nothing counts bytes written;
+* inode numbers and block allocation follow the sorted path order.
 
-The image still depends on the e2fsprogs version, which a caching rule must
-include in its signature.
-
-Size: ``size='auto'`` takes the estimated need of the tree (data blocks,
-directory blocks, xattr blocks, inode tables, journal, group metadata:
-``needed_size``) plus 20 %, at least 16 MiB, rounded up to a MiB. A fixed size
-(``'64M'``, ``'1G'``, bytes as int) smaller than the estimated need raises
-TdxError "needs at least N MiB"; so does an mkfs or debugfs run that runs
-out of space.
+Size: ``size='auto'`` takes the estimated need of the tree (data, directory,
+symlink, xattr and extent blocks, inode tables, journal, group metadata:
+:func:`needed_size`) plus 20 %, at least 16 MiB, rounded up to a MiB. A
+fixed size (``'64M'``, ``'1G'``, bytes as int) smaller than the need raises
+TdxError "needs at least N MiB".
 """
 
 import contextlib
@@ -69,55 +36,28 @@ import os
 import re
 import shutil
 import stat
-import struct
 import subprocess
 import tempfile
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from . import ext4_writer as writer
 from .errors import TdxError
-from .fsutil import CHUNK, sha256_file
+from .fsutil import sha256_file
 
-# Entry types, as tdx_rules.oci names them (not imported: this module needs no
-# third-party package, so it also runs under a bare python3).
+# Entry types, as tdx_rules.oci names them.
 FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK_DEV, FIFO = "file", "dir", "symlink", "hardlink", "char", "block", "fifo"
 
-BLOCK = 4096
-INODE_SIZE = 256
-BLOCKS_PER_GROUP = 32768
+BLOCK = writer.BLOCK
+INODE_SIZE = writer.INODE_SIZE
 INODE_RATIO = 16384
 HEADROOM_FRACTION = 0.20
 HEADROOM_MIN = 16 << 20
 MIB = 1 << 20
 LABEL = "rootfs"
 SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
-MAX_SCRIPT_LINE = 8000  # debugfs reads script lines into an 8192-byte buffer
+FORMAT = "tdx-rules ext4 writer 1"  # bump when the bytes written for the same input change
 
-MKE2FS_CONF = """\
-[defaults]
-	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
-	default_mntopts = acl,user_xattr
-	enable_periodic_fsck = 0
-	blocksize = 4096
-	inode_size = 256
-	inode_ratio = 16384
-	reserved_ratio = 5.0
-	lazy_itable_init = 1
-	lazy_journal_init = 1
-
-[fs_types]
-	ext4 = {
-		features = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
-		flex_bg_size = 16
-	}
-	default = {
-	}
-"""
-
-_S_IFMT = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHAR: stat.S_IFCHR,
-           BLOCK_DEV: stat.S_IFBLK, FIFO: stat.S_IFIFO}
-_TIME_FIELDS = ("atime", "mtime", "ctime", "crtime")
-_SPACE_ERRORS = ("could not allocate", "no space left", "not enough space",
-                 "too many inodes", "filesystem too small", "inode table", "file too big")
+_TYPES = (FILE, DIR, SYMLINK, CHAR, BLOCK_DEV, FIFO)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +80,9 @@ class _Inode:
     xattrs: Tuple[Tuple[str, bytes], ...]
     target: Optional[str]
     body: Optional[str]
+    offset: Optional[int]  # where the bytes start in ``body``; None: the whole file
     size: int
-    sha256: Optional[str]
+    content: Optional[str]  # sha256 of the bytes, or another identity of them (their place in a verified layer)
     paths: List[str]
 
 
@@ -162,24 +103,31 @@ def _inodes(entries: Iterable) -> Dict[str, _Inode]:
             owner.paths.append(entry.path)
             by_path[entry.path] = owner
             continue
-        if entry.type not in _S_IFMT:
+        if entry.type not in _TYPES:
             raise TdxError(f"{entry.path!r}: unknown entry type {entry.type!r}; rebuild the tree")
-        digest, size = entry.sha256, entry.size
-        if entry.type == FILE and entry.body is not None:
+        offset = getattr(entry, "offset", None)
+        content = entry.sha256 or getattr(entry, "origin", None)
+        size = entry.size
+        if entry.type == FILE and entry.body is not None and offset is None:
             try:
                 size = os.stat(entry.body).st_size
-                if digest is None:
-                    digest = sha256_file(entry.body)  # the image identity must cover the content
+                if content is None:
+                    content = sha256_file(entry.body)  # the image identity must cover the content
             except OSError as exc:
                 raise TdxError(f"{entry.path!r}: its body {entry.body} cannot be read ({exc.strerror or exc}); "
                                "keep the tree's staging directory until the image is built") from None
         by_path[entry.path] = _Inode(entry.type, entry.mode & 0o7777, entry.uid, entry.gid, entry.rdev,
-                                     tuple(entry.xattrs), entry.target, entry.body, size, digest, [entry.path])
+                                     tuple(entry.xattrs), entry.target, entry.body, offset, size, content,
+                                     [entry.path])
     if "/" not in by_path:
-        by_path["/"] = _Inode(DIR, 0o755, 0, 0, None, (), None, None, 0, None, ["/"])
+        by_path["/"] = _dir("/")
     elif by_path["/"].type != DIR:
         raise TdxError("the tree's root is not a directory; rebuild the tree")
     return by_path
+
+
+def _dir(path: str, mode: int = 0o755) -> _Inode:
+    return _Inode(DIR, mode, 0, 0, None, (), None, None, None, 0, None, [path])
 
 
 def _parse_size(size) -> Optional[int]:
@@ -202,37 +150,14 @@ def _parse_size(size) -> Optional[int]:
 def tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN))
     if path is None:
-        raise TdxError(f"{name} not found; install e2fsprogs (1.47.0 or newer)")
+        raise TdxError(f"{name} not found; install e2fsprogs")
     return path
 
 
-def _env(epoch: int, work: str) -> Dict[str, str]:
-    """A clean environment: only what makes e2fsprogs deterministic."""
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin") + os.pathsep + os.pathsep.join(SBIN),
-        "LC_ALL": "C",
-        "TZ": "UTC",
-        # libext2fs reads 0 as "unset"; 2**32 truncates to 0 in its 32-bit time fields.
-        "E2FSPROGS_FAKE_TIME": str(epoch if epoch else 1 << 32),
-        "SOURCE_DATE_EPOCH": str(epoch),
-        "MKE2FS_CONFIG": os.path.join(work, "mke2fs.conf"),
-    }
-
-
-def _quote(value: str) -> bytes:
-    """One debugfs (libss) argument: double quotes, with a quote written as two."""
-    return b'"' + os.fsencode(value).replace(b'"', b'""') + b'"'
-
-
 def _check_path(path: str) -> None:
-    if "\n" in path or "\r" in path:
-        raise TdxError(f"image path {path!r} contains a newline or carriage return, which debugfs scripts cannot "
-                       "express; rename it in the image")
     for part in path.split("/"):
         if len(os.fsencode(part)) > 255:
             raise TdxError(f"image path {path!r} has a name longer than 255 bytes, the ext4 limit; rename it")
-    if len(os.fsencode(path)) * 2 + 64 > MAX_SCRIPT_LINE:
-        raise TdxError(f"image path {path[:60]!r}... is too long for a debugfs script line; shorten it")
 
 
 # --------------------------------------------------------------------------- agent
@@ -274,7 +199,7 @@ def _place_agent(inodes: Dict[str, _Inode], agent: str, guest_path: str) -> str:
     for i in range(1, len(current) + 1):
         path = "/" + "/".join(current[:i])
         if path not in inodes:
-            inodes[path] = _Inode(DIR, 0o755, 0, 0, None, (), None, None, 0, None, [path])
+            inodes[path] = _dir(path)
     final = (parent.rstrip("/") + "/" + wanted[-1])
     existing = inodes.get(final)
     if existing is not None:
@@ -291,53 +216,29 @@ def _place_agent(inodes: Dict[str, _Inode], agent: str, guest_path: str) -> str:
         digest = sha256_file(agent)
     except OSError as exc:
         raise TdxError(f"agent {agent}: cannot read ({exc.strerror or exc}); build the agent first") from None
-    inodes[final] = _Inode(FILE, 0o755, 0, 0, None, (), None, agent, size, digest, [final])
+    inodes[final] = _Inode(FILE, 0o755, 0, 0, None, (), None, agent, None, size, digest, [final])
     return final
 
 
 # --------------------------------------------------------------------------- size
 
-def _journal_blocks(blocks: int) -> int:
-    """ext2fs_default_journal_size() of e2fsprogs 1.47."""
-    for limit, size in ((2048, 0), (32768, 1024), (256 * 1024, 4096), (512 * 1024, 8192), (4096 * 1024, 16384),
-                        (8192 * 1024, 32768), (16384 * 1024, 65536), (32768 * 1024, 131072)):
-        if blocks < limit:
-            return size
-    return 262144
-
-
-def _backup_groups(groups: int) -> int:
-    """Groups holding a superblock backup (sparse_super: 0, 1, powers of 3, 5, 7)."""
-    count = min(groups, 2)
-    for base in (3, 5, 7):
-        power = base
-        while power < groups:
-            count += 1
-            power *= base
-    return count
-
-
-def _content_blocks(unique: List[_Inode], children: Dict[str, List[str]]) -> Tuple[int, int]:
-    """(blocks for file data, symlinks, directories and xattr blocks; inodes used)."""
+def _content_blocks(unique: List[_Inode], children: Dict[str, List[str]]) -> int:
+    """Blocks for file data, directories, long symlinks, xattr blocks and extent leaves."""
     blocks = 0
     for inode in unique:
         if inode.type == FILE:
             data = -(-inode.size // BLOCK)
-            extents = -(-data // 32768)
-            blocks += data + (0 if extents <= 4 else -(-extents // 340) + 1)
+            extents = -(-data // writer.MAX_EXTENT) + data // writer.BLOCKS_PER_GROUP
+            blocks += data + (0 if extents <= 4 else -(-extents // writer.EXTENTS_PER_LEAF))
         elif inode.type == SYMLINK and len(os.fsencode(inode.target)) >= 60:
             blocks += 1
         elif inode.type == DIR:
-            names = children.get(inode.paths[0], [])
-            used = 24 + sum((8 + len(os.fsencode(n)) + 3) // 4 * 4 for n in names)
-            dir_blocks = max(1, -(-used // (BLOCK - 12)))
-            blocks += dir_blocks + (0 if dir_blocks == 1 else 1 + dir_blocks // 400)
-        if inode.type != FILE:
-            blocks += len(inode.paths) - 1  # expand_dir before each ln
-        inline = sum(16 + (len(name) + 3) // 4 * 4 + (len(value) + 3) // 4 * 4 for name, value in inode.xattrs)
-        if inline > INODE_SIZE - 128 - 32 - 4:
+            names = [os.fsencode(name) for name in children.get(inode.paths[0], [])]
+            count = writer.dir_blocks(names)
+            blocks += max(count, writer.LOST_FOUND_BLOCKS) if inode.paths[0] == "/lost+found" else count
+        if inode.xattrs and not writer.xattrs_in_inode(inode.xattrs):
             blocks += 1
-    return blocks + 4, len(unique) + 11  # lost+found: 4 blocks; inodes 1-11 are reserved
+    return blocks
 
 
 def _inode_count(used: int, size: int) -> int:
@@ -346,16 +247,15 @@ def _inode_count(used: int, size: int) -> int:
 
 def _needed_blocks(content: int, used_inodes: int, size: int) -> int:
     """Blocks an image of ``size`` bytes needs for the tree: content plus the
-    metadata mkfs lays out for that size."""
+    metadata laid out for that size (a margin of 64 blocks covers extents
+    split around the backup superblocks)."""
     total = size // BLOCK
-    groups = max(1, -(-total // BLOCKS_PER_GROUP))
-    desc_blocks = -(-groups * 64 // BLOCK)
-    reserve_groups = -(-min(total * 1024, 0xFFFFFFFF) // BLOCKS_PER_GROUP)  # resize_inode: room to grow 1024x
-    reserved_gdt = min(BLOCK // 4, -(-reserve_groups * 64 // BLOCK) - desc_blocks)
-    inodes = _inode_count(used_inodes, size)
-    inode_tables = -(-inodes * INODE_SIZE // BLOCK) + groups
-    metadata = 2 * groups + _backup_groups(groups) * (1 + desc_blocks + max(0, reserved_gdt)) + inode_tables
-    return content + metadata + _journal_blocks(total) + 64
+    try:
+        geometry = writer.Geometry(total, _inode_count(used_inodes, size))
+    except writer.NoSpace as exc:
+        return max(exc.blocks, total + 1)
+    backups = sum(length for _, length in geometry.reserved[1:])
+    return geometry.metadata_end + backups + writer.journal_blocks(geometry.blocks) + content + 64
 
 
 def _smallest_fit(content: int, used_inodes: int, start: int, headroom) -> int:
@@ -389,12 +289,13 @@ def needed_size(content: int, used_inodes: int, size: Optional[int] = None) -> T
 
 def _identity(inodes: List[_Inode], epoch: int, size: int, label: str) -> bytes:
     """SHA-256 over everything that goes into the image."""
-    digest = hashlib.sha256(b"tdx-rules ext4 v1\0")
+    digest = hashlib.sha256(FORMAT.encode() + b"\0")
     digest.update(f"{epoch}\0{size}\0{label}\0".encode())
     for inode in inodes:
         for path in inode.paths:
             digest.update(os.fsencode(path) + b"\0")
-        digest.update(f"|{inode.type}|{inode.mode:o}|{inode.uid}|{inode.gid}|{inode.rdev}|{inode.sha256}|".encode())
+        digest.update(f"|{inode.type}|{inode.mode:o}|{inode.uid}|{inode.gid}|{inode.rdev}|{inode.size}|"
+                      f"{inode.content}|".encode())
         digest.update(os.fsencode(inode.target or "") + b"\0")
         for name, value in inode.xattrs:
             digest.update(os.fsencode(name) + b"\0" + len(value).to_bytes(8, "little") + value)
@@ -410,157 +311,39 @@ def _uuid(seed: bytes) -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
-def _copy(src: str, dst: str) -> None:
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with open(src, "rb") as inp, os.fdopen(fd, "wb") as out:
+def _check_inode(inode: _Inode) -> None:
+    """Refuse what ext4 cannot hold, before anything is written."""
+    path = inode.paths[0]
+    if inode.type in (CHAR, BLOCK_DEV):
+        major, minor = inode.rdev or (0, 0)
+        if not (0 <= major < 1 << 12 and 0 <= minor < 1 << 20):
+            raise TdxError(f"device {path!r} has number {major}:{minor}, beyond ext4's 12-bit major and 20-bit "
+                           "minor; remove it from the image")
+    elif inode.type == SYMLINK and len(os.fsencode(inode.target)) >= BLOCK:
+        raise TdxError(f"symlink {path!r} has a target longer than 4095 bytes; shorten it")
+    if inode.xattrs:
         try:
-            while os.copy_file_range(inp.fileno(), out.fileno(), 1 << 30):
-                pass
-        except OSError:  # not supported here (or across filesystems): plain copy
-            inp.seek(0)
-            out.seek(0)
-            out.truncate()
-            shutil.copyfileobj(inp, out, CHUNK)
+            writer.xattrs_in_inode(inode.xattrs)
+        except writer.LayoutError as exc:
+            raise TdxError(f"{path!r}: {exc}; remove it from the image") from None
+    if max(inode.uid, inode.gid) >= 1 << 32:
+        raise TdxError(f"{path!r} has owner {inode.uid}:{inode.gid}, beyond 32 bits; fix the image")
 
 
-def _link(src: str, dst: str) -> bool:
-    try:
-        os.link(src, dst, follow_symlinks=False)
-        return True
-    except OSError:  # another filesystem, or links not allowed: copy instead
-        return False
-
-
-def _private_body(body: str, store: Optional[str]) -> bool:
-    """Whether ``body`` lies in ``store``, the image tree's own body store (never a caller's file)."""
-    if not store:
-        return False
-    return os.path.dirname(os.path.dirname(os.path.abspath(body))) == os.path.abspath(store)
-
-
-def _stage(staging: str, ordered: List[_Inode], epoch: int, store: Optional[str] = None) -> None:
-    """Regular files, directories and symlinks below ``staging``, every time ``epoch``.
-
-    A body from ``store`` (the tree's private store) is hard-linked, not copied, the first
-    time it is used; the staging then changes that private file's mode and times, never a
-    caller's. A second file with the same body gets a copy: mkfs -d would merge the two.
-    """
-    os.chmod(staging, 0o700)
-    staged: List[str] = ["/"]
-    linked = set()
-    for inode in ordered:
-        path = inode.paths[0]
-        if path == "/":
-            continue
-        host = staging + path
-        if inode.type == DIR:
-            os.mkdir(host, 0o700)
-            os.chmod(host, 0o700)
-        elif inode.type == FILE:
-            if inode.body is None:
-                os.close(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-            elif inode.body not in linked and _private_body(inode.body, store) and _link(inode.body, host):
-                linked.add(inode.body)
-            else:
-                _copy(inode.body, host)
-            os.chmod(host, 0o600)
-        elif inode.type == SYMLINK:
-            os.symlink(inode.target, host)
-        else:
-            continue
-        staged.append(path)
-    for inode in ordered:  # hard links of regular files: mkfs -d links them (and counts the links)
-        if inode.type == FILE:
-            for path in inode.paths[1:]:
-                os.link(staging + inode.paths[0], staging + path, follow_symlinks=False)
-                staged.append(path)
-    for path in sorted(staged, key=_key, reverse=True):  # children before their directory
-        host = staging + path if path != "/" else staging
-        os.utime(host, ns=(epoch * 10 ** 9, epoch * 10 ** 9), follow_symlinks=False)
-
-
-def _extra(epoch: int) -> int:
-    """The *_extra word of a timestamp: epoch bits, no nanoseconds."""
-    signed = epoch - (1 << 32) if epoch & (1 << 31) else epoch
-    return ((epoch - signed) >> 32) & 3
-
-
-def _script(ordered: List[_Inode], epoch: int, work: str) -> bytes:
-    lines: List[bytes] = []
-    values: Dict[bytes, str] = {}
-    if any(inode.xattrs for inode in ordered) and ("\n" in work or "\r" in work):
-        raise TdxError(f"output directory {os.path.dirname(work)!r} contains a newline, which debugfs scripts cannot "
-                       "express; pick another output path")
-
-    def value_file(value: bytes) -> str:
-        if value not in values:
-            path = os.path.join(work, "xattr", f"{len(values)}")
-            with open(path, "wb") as out:
-                out.write(value)
-            values[value] = path
-        return values[value]
-
-    # Device nodes and fifos, then the extra names of hard links to anything but regular files.
-    for inode in ordered:
-        if inode.type in (CHAR, BLOCK_DEV, FIFO):
-            parent, _, name = inode.paths[0].rpartition("/")
-            lines.append(b"cd " + _quote(parent or "/"))
-            if inode.type == FIFO:
-                lines.append(b"mknod " + _quote(name) + b" p")
-            else:
-                major, minor = inode.rdev or (0, 0)
-                if not (0 <= major <= 65535 and 0 <= minor <= 65535):
-                    raise TdxError(f"device {inode.paths[0]!r} has number {major}:{minor}, beyond what debugfs "
-                                   "mknod takes (65535:65535); remove it from the image")
-                lines.append(b"mknod " + _quote(name) + (b" c " if inode.type == CHAR else b" b ")
-                             + f"{major} {minor}".encode())
-    for inode in ordered:
-        if inode.type == FILE:
-            continue  # staged as host hard links
-        for path in inode.paths[1:]:
-            # debugfs ln does not grow a full directory (ext2fs_link): give it a free block first.
+def _nodes(unique: List[_Inode], inodes: Dict[str, _Inode]) -> List[writer.Node]:
+    """The writer's nodes, root first, directories with their children by name."""
+    nodes: Dict[int, writer.Node] = {}
+    for inode in unique:
+        source = (inode.body, inode.offset or 0) if inode.type == FILE and inode.body is not None else None
+        nodes[id(inode)] = writer.Node(
+            inode.type, inode.mode, inode.uid, inode.gid, inode.rdev, inode.xattrs,
+            os.fsencode(inode.target) if inode.type == SYMLINK else None, source,
+            inode.size if source else 0, len(inode.paths), {} if inode.type == DIR else None, inode.paths[0])
+    for path, inode in inodes.items():
+        if path != "/":
             parent, _, name = path.rpartition("/")
-            lines.append(b"expand_dir " + _quote(parent or "/"))
-            lines.append(b"cd " + _quote(parent or "/"))
-            lines.append(b"ln " + _quote(inode.paths[0]) + b" " + _quote(name))
-    lines.append(b'cd "/"')
-    # Metadata of every inode.
-    extra = str(_extra(epoch)).encode()
-    for inode in ordered:
-        target = _quote(inode.paths[0])
-        sif = b"sif " + target + b" "
-        lines.append(sif + b"mode " + f"0{_S_IFMT[inode.type] | inode.mode:o}".encode())
-        lines.append(sif + b"uid " + str(inode.uid).encode())
-        lines.append(sif + b"gid " + str(inode.gid).encode())
-        if len(inode.paths) > 1:
-            lines.append(sif + b"links_count " + str(len(inode.paths)).encode())
-        for field in _TIME_FIELDS:
-            lines.append(sif + field.encode() + b" @" + str(epoch).encode())
-            lines.append(sif + field.encode() + b"_extra " + extra)
-        for name, value in inode.xattrs:
-            lines.append(b"ea_set -f " + _quote(value_file(value)) + b" " + target + b" " + _quote(name))
-    # Reserved inodes stamped by mkfs: bad blocks, resize, journal.
-    for number in (1, 7, 8):
-        for field in _TIME_FIELDS:
-            lines.append(f"sif <{number}> {field} @{epoch}".encode())
-            lines.append(f"sif <{number}> {field}_extra ".encode() + extra)
-    for line in lines:
-        if len(line) >= MAX_SCRIPT_LINE:
-            raise TdxError(f"debugfs script line too long ({len(line)} bytes): {line[:80]!r}...; "
-                           "shorten the path or xattr name")
-    return b"\n".join(lines) + b"\n"
-
-
-def _run(cmd: List[str], env: Dict[str, str], what: str) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True)
-    except OSError as exc:
-        raise TdxError(f"cannot run {cmd[0]} for {what} ({exc.strerror or exc}); install e2fsprogs") from None
-
-
-def _errors(text: bytes, banner: str) -> List[str]:
-    lines = [line.strip() for line in text.decode("utf-8", "replace").splitlines()]
-    return [line for line in lines if line and not line.startswith(banner)]
+            nodes[id(inodes[parent or "/"])].children[os.fsencode(name)] = nodes[id(inode)]
+    return [nodes[id(inode)] for inode in unique]
 
 
 def _space_error(out: str, given: Optional[int], minimum: int, auto: int, detail: str) -> TdxError:
@@ -568,27 +351,6 @@ def _space_error(out: str, given: Optional[int], minimum: int, auto: int, detail
     size = f"size {given // MIB} MiB is too small: " if given else ""
     return TdxError(f"{out}: {size}the tree needs at least {at_least} MiB ({detail}); pass a larger size or "
                     f"size='auto' ({auto // MIB} MiB)")
-
-
-def _read_super(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(1024)
-        return handle.read(1024)
-
-
-def _check_super(path: str, out: str, epoch: int, uuid: str) -> None:
-    sb = _read_super(path)
-    if len(sb) < 1024 or sb[0x38:0x3A] != b"\x53\xef":
-        raise TdxError(f"{out}: mkfs.ext4 wrote no ext4 superblock; check the e2fsprogs installation")
-    wtime, = struct.unpack_from("<I", sb, 0x30)
-    lastcheck, = struct.unpack_from("<I", sb, 0x40)
-    mkfs_time, = struct.unpack_from("<I", sb, 0x108)
-    want = epoch & 0xFFFFFFFF
-    if (wtime, lastcheck, mkfs_time) != (want, want, want):
-        raise TdxError(f"{out}: e2fsprogs ignored E2FSPROGS_FAKE_TIME (superblock times {wtime}/{lastcheck}/"
-                       f"{mkfs_time}, wanted {want}); install e2fsprogs 1.47.0 or newer")
-    if sb[0x68:0x78].hex() != uuid.replace("-", ""):
-        raise TdxError(f"{out}: the filesystem UUID is not the one requested; check the e2fsprogs installation")
 
 
 def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent", *, out, size="auto",
@@ -609,7 +371,7 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
     agent = os.fspath(agent_path_on_host)
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < 1 << 32:
         raise TdxError(f"epoch {epoch!r} is not a time between 0 and 2**32-1 seconds; pass SOURCE_DATE_EPOCH")
-    if not isinstance(label, str) or len(label.encode()) > 16 or "\n" in label:
+    if not isinstance(label, str) or len(label.encode()) > 16:
         raise TdxError(f"label {label!r} is longer than 16 bytes; pass a shorter filesystem label")
     if not os.path.isfile(agent):
         raise TdxError(f"agent {agent}: no such file; build the agent first or fix the path")
@@ -620,6 +382,8 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
     lost = inodes.get("/lost+found")
     if lost is not None and lost.type != DIR:
         raise TdxError("/lost+found is not a directory in the image; remove it from the image")
+    if lost is None:
+        inodes["/lost+found"] = _dir("/lost+found", 0o700)
 
     unique: List[_Inode] = []
     seen = set()
@@ -629,18 +393,16 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
             seen.add(id(inode))
             inode.paths.sort(key=_key)
             unique.append(inode)
-    unique.sort(key=lambda inode: _key(inode.paths[0]))
+            _check_inode(inode)
     children: Dict[str, List[str]] = {}
     for path in inodes:
         _check_path(path)
         if path != "/":
             parent, _, name = path.rpartition("/")
             children.setdefault(parent or "/", []).append(name)
-    children.setdefault("/", []).append("lost+found")
-    if lost is None:
-        unique.append(_Inode(DIR, 0o700, 0, 0, None, (), None, None, 0, None, ["/lost+found"]))
 
-    content, used_inodes = _content_blocks(unique, children)
+    content = _content_blocks(unique, children)
+    used_inodes = len(unique) + writer.FIRST_INO - 2
     minimum, auto = needed_size(content, used_inodes, given)
     image_size = given if given is not None else auto
     if given is not None and (given < minimum or _needed_blocks(content, used_inodes, given) * BLOCK > given):
@@ -649,64 +411,43 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
     uuid_seed = _identity(unique, epoch, image_size, label)
     uuid = _uuid(uuid_seed)
     hash_seed = _uuid(hashlib.sha256(b"hash_seed\0" + uuid_seed).digest())
+    nodes = _nodes(unique, inodes)
+    e2fsck = tool("e2fsck")
 
-    mkfs, debugfs, e2fsck = tool("mkfs.ext4"), tool("debugfs"), tool("e2fsck")
     directory = os.path.dirname(out)
     try:
         os.makedirs(directory, exist_ok=True)
-        work = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=directory)
+        fd, image = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=directory)
     except OSError as exc:
-        raise TdxError(f"{out}: cannot create a work directory beside it ({exc.strerror or exc}); "
+        raise TdxError(f"{out}: cannot create a temporary file beside it ({exc.strerror or exc}); "
                        "check the path and permissions") from None
     try:
-        staging = os.path.join(work, "root")
-        image = os.path.join(work, "image.ext4")
-        script_path = os.path.join(work, "fix.debugfs")
-        os.mkdir(staging, 0o700)
-        os.mkdir(os.path.join(work, "xattr"), 0o700)
-        with open(os.path.join(work, "mke2fs.conf"), "w") as conf:
-            conf.write(MKE2FS_CONF)
-        env = _env(epoch, work)
         try:
-            _stage(staging, unique, epoch, getattr(tree, "store", None))
-            script = _script(unique, epoch, work)
-            with open(script_path, "wb") as handle:
-                handle.write(script)
+            with os.fdopen(fd, "r+b") as handle:
+                geometry = writer.write_image(handle.fileno(), image_size // BLOCK, inode_count, nodes,
+                                              uuid=bytes.fromhex(uuid.replace("-", "")),
+                                              hash_seed=bytes.fromhex(hash_seed.replace("-", "")),
+                                              label=label.encode(), epoch=epoch)
+        except writer.NoSpace as exc:
+            raise _space_error(out, given, max(minimum, (exc.blocks or 0) * BLOCK), auto, str(exc)) from None
+        except writer.LayoutError as exc:
+            raise TdxError(f"{out}: {exc}; fix the image") from None
         except OSError as exc:
-            raise TdxError(f"{out}: cannot write the staging directory {work} ({exc.strerror or exc}); "
-                           "check free space and permissions") from None
-
-        cmd = [mkfs, "-q", "-F", "-T", "default", "-b", str(BLOCK), "-I", str(INODE_SIZE), "-N", str(inode_count),
-               "-d", staging, "-U", uuid, "-E",
-               f"hash_seed={hash_seed},root_owner=0:0,assume_storage_prezeroed=1,nodiscard,no_copy_xattrs",
-               "-L", label, image, f"{image_size // 1024}k"]
-        result = _run(cmd, env, out)
-        if result.returncode != 0:
-            text = (result.stderr + result.stdout).decode("utf-8", "replace")
-            detail = " ".join(_errors(result.stderr, "mke2fs ")[-2:]) or text.strip()[-200:]
-            if any(marker in text.lower() for marker in _SPACE_ERRORS):
-                raise _space_error(out, given, minimum, auto, f"mkfs.ext4: {detail}")
-            raise TdxError(f"{out}: mkfs.ext4 failed ({detail}); check e2fsprogs (1.47.0 or newer) and free space")
-
-        result = _run([debugfs, "-w", "-f", script_path, image], env, out)
-        problems = _errors(result.stderr, "debugfs ")
-        if result.returncode != 0 or problems:
-            detail = problems[0] if problems else f"exit status {result.returncode}"
-            if any(marker in " ".join(problems).lower() for marker in _SPACE_ERRORS):
-                raise _space_error(out, given, minimum, auto, f"debugfs: {detail}")
-            raise TdxError(f"{out}: debugfs could not set the image metadata ({detail}); "
-                           "check the tree's names and xattrs")
-
-        check = _run([e2fsck, "-fn", image], env, out)
+            raise TdxError(f"{out}: cannot write the image ({exc.strerror or exc}); check free space and the "
+                           "tree's files") from None
+        check = subprocess.run([e2fsck, "-fn", image], env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                                             "LC_ALL": "C"},
+                               stdin=subprocess.DEVNULL, capture_output=True)
         if check.returncode != 0:
-            detail = " ".join(_errors(check.stdout + check.stderr, "e2fsck ")[-3:])
+            lines = [line.strip() for line in (check.stdout + check.stderr).decode("utf-8", "replace").splitlines()]
+            detail = " ".join([line for line in lines if line and not line.startswith("e2fsck ")][-3:])
             raise TdxError(f"{out}: e2fsck found errors in the new image ({detail}); report this as a bug")
-        _check_super(image, out, epoch, uuid)
         os.chmod(image, 0o644)
         os.replace(image, out)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return Ext4Image(out, image_size, uuid, inode_count)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(image)
+    return Ext4Image(out, geometry.blocks * BLOCK, uuid, geometry.inodes)
 
 
 def is_valid_image(path) -> bool:

@@ -4,7 +4,7 @@ The source is an OCI image layout directory, a ``docker save`` tarball or a
 Docker overlay2 layer directory. Results are cached by content: the key is
 the SHA-256 of the layers' digests (layers without a content digest, such as
 overlay2 directories, are hashed member by member), the agent's bytes, the
-options and the e2fsprogs version. A cached image is reused only after its
+options and the ext4 writer's format version. A cached image is reused only after its
 ext4 magic and a read-only ``e2fsck -fn`` pass; every write goes to a temp
 file that is renamed into place.
 """
@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 
 import filelock
 
@@ -21,7 +20,7 @@ from .. import ext4, oci
 from ..fsutil import CHUNK, copy_file, sha256_file
 from ._entry import load_config, run
 
-KEY_VERSION = "tdx-rules-rootfs-1"
+KEY_VERSION = "tdx-rules-rootfs-2"
 
 
 def _layer_key(layer) -> str:
@@ -39,14 +38,8 @@ def _layer_key(layer) -> str:
     return "content:" + digest.hexdigest()
 
 
-def mke2fs_version() -> str:
-    """e2fsprogs' version line: its output bytes depend on it, so it is part of the cache key."""
-    result = subprocess.run([ext4.tool("mke2fs"), "-V"], capture_output=True, text=True)
-    return (result.stderr or result.stdout).splitlines()[0].strip()
-
-
 def cache_key(layers, agent: str, config: dict) -> str:
-    parts = {"version": KEY_VERSION, "e2fsprogs": mke2fs_version(), "layers": [_layer_key(layer) for layer in layers],
+    parts = {"version": KEY_VERSION, "format": ext4.FORMAT, "layers": [_layer_key(layer) for layer in layers],
              "agent": sha256_file(agent), "options": config}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -1,0 +1,644 @@
+"""Write an ext4 filesystem image straight from an inode model: no mkfs, no mount, no root.
+
+:func:`write_image` lays out and writes one image file in a single pass:
+
+* 4096-byte blocks, 32768 blocks per group, 256-byte inodes;
+* features ``has_journal ext_attr dir_index filetype extent flex_bg
+  sparse_super large_file huge_file dir_nlink extra_isize metadata_csum``
+  (crc32c checksums on the superblock, group descriptors, bitmaps, inodes,
+  extent blocks, directory blocks and xattr blocks);
+* group 0 holds the superblock, the group descriptors and then, as one flex
+  group, every group's block bitmap, inode bitmap and inode table; groups 1
+  and the powers of 3, 5 and 7 hold backup copies of the first two;
+* inode 2 is the root, 8 the journal (all zeros but its superblock, like a
+  freshly made one), 11 ``/lost+found`` (four empty blocks), then every other
+  inode in the given order from 12;
+* blocks are handed out in that inode order from the end of the metadata on:
+  directory blocks, a long symlink's block, the xattr block, file data (up to
+  4 extents in the inode, else one level of extent leaf blocks after the data);
+* directories are linear (no htree), entries in name byte order; xattrs live
+  in the inode when they fit in its 92 spare bytes, else in one xattr block;
+* file bodies are copied with ``copy_file_range`` from ``(host file, offset)``
+  into a sparse image file, so a tar layer is never unpacked on the host.
+
+Everything in the image is a function of the arguments: there is no clock, no
+host path, no random number. Sizes that do not fit raise :class:`NoSpace`
+with the number of blocks the layout needed.
+"""
+
+import dataclasses
+import os
+import struct
+from typing import Dict, List, Optional, Sequence, Tuple
+
+try:
+    import google_crc32c
+except ImportError:  # a bare python3 (no virtualenv): the slow table-driven fallback below
+    google_crc32c = None
+
+BLOCK = 4096
+INODE_SIZE = 256
+BLOCKS_PER_GROUP = 32768
+INODES_PER_BLOCK = BLOCK // INODE_SIZE
+EXTRA_ISIZE = 32
+MAX_EXTENT = 32768  # blocks in one initialised extent
+EXTENTS_PER_LEAF = (BLOCK - 12 - 4) // 12  # header and checksum tail
+DIR_TAIL = 12
+ROOT_INO, JOURNAL_INO, LOST_FOUND_INO, FIRST_INO = 2, 8, 11, 12
+LOST_FOUND_BLOCKS = 4
+RESERVED_PERCENT = 5
+
+COMPAT = 0x0004 | 0x0008 | 0x0020  # has_journal, ext_attr, dir_index
+INCOMPAT = 0x0002 | 0x0040 | 0x0200  # filetype, extent, flex_bg
+RO_COMPAT = 0x0001 | 0x0002 | 0x0008 | 0x0020 | 0x0040 | 0x0400  # sparse_super, large_file, huge_file,
+#                                                                     dir_nlink, extra_isize, metadata_csum
+EXTENTS_FL = 0x80000
+BG_ITABLE_ZEROED = 0x0004
+
+S_IFMT = {"file": 0o100000, "dir": 0o040000, "symlink": 0o120000, "char": 0o020000, "block": 0o060000,
+          "fifo": 0o010000}
+DIRENT_TYPE = {"file": 1, "dir": 2, "char": 3, "block": 4, "fifo": 5, "symlink": 7}
+
+# xattr name prefixes and their on-disk index (longest prefix first).
+XATTR_INDEX = (("system.posix_acl_access", 2), ("system.posix_acl_default", 3), ("system.richacl", 8),
+               ("security.", 6), ("trusted.", 4), ("user.", 1), ("system.", 7))
+XATTR_MAGIC = 0xEA020000
+IBODY_XATTR_SPACE = INODE_SIZE - 128 - EXTRA_ISIZE - 4
+
+_M32 = 0xFFFFFFFF
+
+
+class NoSpace(Exception):
+    """The tree does not fit; ``blocks`` or ``inodes`` says what the layout needed."""
+
+    def __init__(self, what: str, blocks: int = 0, inodes: int = 0):
+        super().__init__(what)
+        self.blocks = blocks
+        self.inodes = inodes
+
+
+class LayoutError(ValueError):
+    """Something in the tree that ext4 cannot hold (the message names it)."""
+
+
+def _crc_table() -> List[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli polynomial, reflected
+        table.append(crc)
+    return table
+
+
+_TABLE = _crc_table() if google_crc32c is None else None
+
+
+def crc32c(seed: int, data) -> int:
+    """The kernel's crc32c_le(seed, data): no inversion on the way in or out."""
+    if google_crc32c is not None:
+        return google_crc32c.extend(seed ^ _M32, bytes(data)) ^ _M32
+    crc = seed
+    for byte in bytes(data):
+        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc
+
+
+# --------------------------------------------------------------------------- model
+
+@dataclasses.dataclass
+class Node:
+    """One inode to write. ``source`` is ``(host path, offset)`` of a regular
+    file's ``size`` bytes; ``children`` maps a directory's names (bytes) to nodes."""
+
+    type: str
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+    rdev: Optional[Tuple[int, int]] = None
+    xattrs: Sequence[Tuple[str, bytes]] = ()
+    target: Optional[bytes] = None
+    source: Optional[Tuple[str, int]] = None
+    size: int = 0
+    links: int = 1
+    children: Optional[Dict[bytes, "Node"]] = None
+    path: str = ""  # for messages
+    ino: int = 0
+    parent: int = 0  # inode number of the parent directory (directories only)
+
+
+def dir_blocks(names: Sequence[bytes]) -> int:
+    """Blocks a linear directory with ``names`` (besides . and ..) takes."""
+    return len(_pack_dir(names))
+
+
+def _rec_len(name: bytes) -> int:
+    return (8 + len(name) + 3) & ~3
+
+
+def _pack_dir(names: Sequence[bytes]) -> List[List[bytes]]:
+    """Names per block, ``.`` and ``..`` first; every block keeps room for the tail."""
+    blocks: List[List[bytes]] = [[]]
+    used = 0
+    for name in [b".", b".."] + list(names):
+        need = _rec_len(name)
+        if used + need > BLOCK - DIR_TAIL:
+            blocks.append([])
+            used = 0
+        blocks[-1].append(name)
+        used += need
+    return blocks
+
+
+# --------------------------------------------------------------------------- layout
+
+def has_super(group: int) -> bool:
+    """sparse_super: groups 0, 1 and the powers of 3, 5 and 7 carry a superblock copy."""
+    if group <= 1:
+        return True
+    for base in (3, 5, 7):
+        power = base
+        while power < group:
+            power *= base
+        if power == group:
+            return True
+    return False
+
+
+def journal_blocks(blocks: int) -> int:
+    """Journal size for a filesystem of ``blocks`` 4 KiB blocks (e2fsprogs' default table; 0: none)."""
+    for limit, size in ((2048, 0), (32768, 1024), (256 * 1024, 4096), (512 * 1024, 8192), (4096 * 1024, 16384),
+                        (8192 * 1024, 32768), (16384 * 1024, 65536), (32768 * 1024, 131072)):
+        if blocks < limit:
+            return size
+    return 262144
+
+
+class Geometry:
+    """Where the fixed metadata of an image of ``blocks`` blocks and ``inodes`` inodes goes."""
+
+    def __init__(self, blocks: int, inodes: int):
+        self.groups = -(-blocks // BLOCKS_PER_GROUP)
+        if self.groups > 1 and blocks - (self.groups - 1) * BLOCKS_PER_GROUP < 64:
+            self.groups -= 1  # a tail too small to be a group is left out
+            blocks = self.groups * BLOCKS_PER_GROUP
+        self.blocks = blocks
+        self.gdt_blocks = -(-self.groups * 32 // BLOCK)
+        per_group = -(-max(inodes, FIRST_INO) // self.groups)
+        self.inodes_per_group = -(-per_group // INODES_PER_BLOCK) * INODES_PER_BLOCK
+        if self.inodes_per_group > BLOCK * 8:
+            raise NoSpace("too many inodes for the size", inodes=inodes,
+                          blocks=-(-inodes // (BLOCK * 8)) * BLOCKS_PER_GROUP)
+        self.inodes = self.inodes_per_group * self.groups
+        self.itable_blocks = self.inodes_per_group // INODES_PER_BLOCK
+        self.reserved = [(g * BLOCKS_PER_GROUP, 1 + self.gdt_blocks) for g in range(self.groups) if has_super(g)]
+        start = 1 + self.gdt_blocks
+        self.block_bitmap = [start + g for g in range(self.groups)]
+        self.inode_bitmap = [start + self.groups + g for g in range(self.groups)]
+        self.cursor = start + 2 * self.groups
+        if self.cursor > min(BLOCKS_PER_GROUP, blocks):
+            raise NoSpace("no room for the group metadata", blocks=self.cursor + self.groups * self.itable_blocks)
+        self.inode_table = [self.contiguous(self.itable_blocks) for _ in range(self.groups)]
+        self.metadata_end = self.cursor
+
+    def _skip_reserved(self, start: int, count: int) -> int:
+        """The first block >= start where ``count`` blocks do not overlap a reserved range."""
+        for first, length in self.reserved:
+            if start < first + length and first < start + count:
+                start = first + length
+        return start
+
+    def contiguous(self, count: int) -> int:
+        start = self._skip_reserved(self.cursor, count)
+        if start + count > self.blocks:
+            raise NoSpace("out of blocks", blocks=start + count)
+        self.cursor = start + count
+        return start
+
+    def runs(self, count: int) -> List[Tuple[int, int]]:
+        """``count`` blocks as (start, length) runs of at most MAX_EXTENT, around reserved ranges."""
+        result: List[Tuple[int, int]] = []
+        while count:
+            start = self._skip_reserved(self.cursor, 1)
+            limit = self.blocks
+            for first, _ in self.reserved:
+                if first >= start:
+                    limit = min(limit, first)
+                    break
+            length = min(count, limit - start, MAX_EXTENT)
+            if length <= 0:
+                raise NoSpace("out of blocks", blocks=start + count)
+            if result and result[-1][0] + result[-1][1] == start and result[-1][1] + length <= MAX_EXTENT:
+                result[-1] = (result[-1][0], result[-1][1] + length)
+            else:
+                result.append((start, length))
+            self.cursor = start + length
+            count -= length
+        return result
+
+
+# --------------------------------------------------------------------------- encoders
+
+def _xattr_hash(name: bytes, value: bytes) -> int:
+    h = 0
+    for c in name:
+        h = ((h << 5) ^ (h >> 27) ^ c) & _M32
+    if value:
+        padded = value + b"\0" * (-len(value) % 4)
+        for (word,) in struct.iter_unpack("<I", padded):
+            h = ((h << 16) ^ (h >> 16) ^ word) & _M32
+    return h
+
+
+def _acl_to_disk(value: bytes, name: str) -> bytes:
+    """A POSIX ACL from the xattr interface (version 2) to ext4's on-disk form (version 1)."""
+    if len(value) < 4 or (len(value) - 4) % 8 or struct.unpack_from("<I", value)[0] != 2:
+        raise LayoutError(f"xattr {name} is not a POSIX ACL in the xattr format (version 2)")
+    out = [struct.pack("<I", 1)]
+    for tag, perm, ident in struct.iter_unpack("<HHI", value[4:]):
+        out.append(struct.pack("<HHI", tag, perm, ident) if tag in (0x02, 0x08) else struct.pack("<HH", tag, perm))
+    return b"".join(out)
+
+
+def _xattr_entries(xattrs) -> List[Tuple[int, bytes, bytes]]:
+    """(index, name suffix, stored value), sorted as ext4 keeps a block's entries."""
+    entries = []
+    for name, value in xattrs:
+        for prefix, index in XATTR_INDEX:
+            if name == prefix or (prefix.endswith(".") and name.startswith(prefix)):
+                break
+        else:
+            raise LayoutError(f"xattr {name!r} has a namespace ext4 does not store (user., trusted., security., "
+                              "system.)")
+        suffix = b"" if not prefix.endswith(".") else name[len(prefix):].encode("utf-8", "surrogateescape")
+        if index in (2, 3):
+            value = _acl_to_disk(value, name)
+        if len(suffix) > 255:
+            raise LayoutError(f"xattr name {name[:40]!r}... is longer than 255 bytes")
+        entries.append((index, suffix, bytes(value)))
+    entries.sort(key=lambda e: (e[0], len(e[1]), e[1]))
+    return entries
+
+
+def xattrs_in_inode(xattrs) -> bool:
+    """Whether ``xattrs`` fit in an inode's spare bytes (else they take an xattr block).
+    Raises LayoutError for a namespace or a value ext4 cannot store."""
+    return _xattr_area(_xattr_entries(xattrs), INODE_SIZE - 160, 4, 4) is not None
+
+
+def _xattr_area(entries, size: int, first: int, value_base: int) -> Optional[bytearray]:
+    """Entries from ``first`` and values from the end of a ``size``-byte area; None if they do not fit.
+    Value offsets are relative to ``value_base``."""
+    area = bytearray(size)
+    pos, end = first, size
+    for index, name, value in entries:
+        need = 16 + ((len(name) + 3) & ~3)
+        vlen = (len(value) + 3) & ~3
+        if pos + need + 4 > end - vlen:
+            return None
+        end -= vlen
+        area[end:end + len(value)] = value
+        struct.pack_into("<BBHIII", area, pos, len(name), index, (end - value_base) if value else 0, 0,
+                         len(value), _xattr_hash(name, value))
+        area[pos + 16:pos + 16 + len(name)] = name
+        pos += need
+    return area
+
+
+# --------------------------------------------------------------------------- writer
+
+class _Writer:
+    def __init__(self, fd: int, geometry: Geometry, uuid: bytes, epoch: int):
+        self.fd = fd
+        self.geo = geometry
+        self.uuid = uuid
+        self.epoch = epoch & _M32
+        self.extra = 1 if epoch & (1 << 31) else 0  # epoch bits of the *_extra words: the low 32 are signed
+        self.seed = crc32c(_M32, uuid)
+        self.used_blocks = [0] * geometry.groups  # per group: int bitmaps
+        self.used_inodes = [0] * geometry.groups
+        self.dirs = [0] * geometry.groups
+        self.inodes: Dict[int, bytes] = {}
+        self.sources: Dict[str, int] = {}
+
+    # ---- block accounting
+
+    def mark(self, start: int, count: int) -> None:
+        while count:
+            group, offset = divmod(start, BLOCKS_PER_GROUP)
+            take = min(count, BLOCKS_PER_GROUP - offset)
+            self.used_blocks[group] |= ((1 << take) - 1) << offset
+            start += take
+            count -= take
+
+    def runs(self, count: int) -> List[Tuple[int, int]]:
+        runs = self.geo.runs(count)
+        for start, length in runs:
+            self.mark(start, length)
+        return runs
+
+    def pwrite(self, data, block: int, offset: int = 0) -> None:
+        view = memoryview(data)
+        position = block * BLOCK + offset
+        while view:
+            done = os.pwrite(self.fd, view, position)
+            view, position = view[done:], position + done
+
+    # ---- inodes
+
+    def inode_seed(self, ino: int) -> int:
+        return crc32c(crc32c(self.seed, struct.pack("<I", ino)), b"\0\0\0\0")  # generation 0
+
+    def extent_root(self, ino: int, runs: List[Tuple[int, int]]) -> Tuple[bytes, int]:
+        """i_block bytes for ``runs`` and the number of extent leaf blocks used."""
+        def extent(logical, start, length):
+            return struct.pack("<IHHI", logical, length, start >> 32, start & _M32)
+
+        extents, logical = [], 0
+        for start, length in runs:
+            extents.append(extent(logical, start, length))
+            logical += length
+        if len(extents) <= 4:
+            return struct.pack("<HHHHI", 0xF30A, len(extents), 4, 0, 0) + b"".join(extents), 0
+        leaves = [extents[i:i + EXTENTS_PER_LEAF] for i in range(0, len(extents), EXTENTS_PER_LEAF)]
+        if len(leaves) > 4:
+            raise LayoutError("too many extents for one level of extent blocks")
+        index, first_logical = [], 0
+        for leaf in leaves:
+            (block, _), = self.runs(1)
+            data = bytearray(BLOCK)
+            struct.pack_into("<HHHHI", data, 0, 0xF30A, len(leaf), EXTENTS_PER_LEAF, 0, 0)
+            data[12:12 + 12 * len(leaf)] = b"".join(leaf)
+            tail = 12 + 12 * EXTENTS_PER_LEAF
+            struct.pack_into("<I", data, tail, crc32c(self.inode_seed(ino), data[:tail]))
+            self.pwrite(data, block)
+            index.append(struct.pack("<IIHH", first_logical, block & _M32, block >> 32, 0))
+            first_logical += sum(struct.unpack_from("<H", e, 4)[0] for e in leaf)
+        return struct.pack("<HHHHI", 0xF30A, len(index), 4, 1, 0) + b"".join(index), len(leaves)
+
+    def put_inode(self, node: Node, i_block: bytes, size: int, blocks: int, flags: int) -> None:
+        """Encode, checksum and keep inode ``node.ino``; ``blocks`` counts 4 KiB blocks."""
+        ino = node.ino
+        raw = bytearray(INODE_SIZE)
+        xattr_block = 0
+        if node.xattrs:
+            entries = _xattr_entries(node.xattrs)
+            area = _xattr_area(entries, INODE_SIZE - 160, 4, 4)
+            if area is not None:
+                struct.pack_into("<I", area, 0, XATTR_MAGIC)
+                raw[160:] = area
+            else:
+                area = _xattr_area(entries, BLOCK, 32, 0)
+                if area is None:
+                    raise LayoutError("its xattrs take more than one 4 KiB block")
+                (xattr_block, _), = self.runs(1)
+                blocks += 1
+                block_hash = 0
+                for _, name, value in entries:
+                    block_hash = ((block_hash << 16) ^ (block_hash >> 16) ^ _xattr_hash(name, value)) & _M32
+                struct.pack_into("<IIII", area, 0, XATTR_MAGIC, 1, 1, block_hash)
+                checksum = crc32c(crc32c(self.seed, struct.pack("<Q", xattr_block)), area)
+                struct.pack_into("<I", area, 16, checksum)
+                self.pwrite(area, xattr_block)
+        mode = S_IFMT[node.type] | (node.mode & 0o7777)
+        sectors = blocks * (BLOCK // 512)
+        t = self.epoch
+        struct.pack_into("<HHIIIIIHHII", raw, 0, mode, node.uid & 0xFFFF, size & _M32, t, t, t, 0,
+                         node.gid & 0xFFFF, node.links, sectors & _M32, flags)
+        raw[0x28:0x28 + len(i_block)] = i_block
+        struct.pack_into("<III", raw, 0x64, 0, xattr_block & _M32, size >> 32)
+        struct.pack_into("<HHHH", raw, 0x74, (sectors >> 32) & 0xFFFF, xattr_block >> 32, node.uid >> 16,
+                         node.gid >> 16)
+        struct.pack_into("<HHIIIII", raw, 0x80, EXTRA_ISIZE, 0, self.extra, self.extra, self.extra, t, self.extra)
+        checksum = crc32c(self.inode_seed(ino), raw)
+        struct.pack_into("<H", raw, 0x7C, checksum & 0xFFFF)
+        struct.pack_into("<H", raw, 0x82, checksum >> 16)
+        self.inodes[ino] = bytes(raw)
+        group, index = divmod(ino - 1, self.geo.inodes_per_group)
+        self.used_inodes[group] |= 1 << index
+        if node.type == "dir":
+            self.dirs[group] += 1
+
+    # ---- contents
+
+    def write_dir(self, node: Node) -> None:
+        names = sorted(node.children)
+        layout = _pack_dir(names)
+        if node.ino == LOST_FOUND_INO:
+            layout += [[] for _ in range(LOST_FOUND_BLOCKS - len(layout))]
+        runs = self.runs(len(layout))
+        blocks = [start + i for start, length in runs for i in range(length)]
+        seed = self.inode_seed(node.ino)
+        for block, block_names in zip(blocks, layout):
+            data = bytearray(BLOCK)
+            pos = 0
+            for i, name in enumerate(block_names):
+                if name == b".":
+                    ino, kind = node.ino, 2
+                elif name == b".." and pos == 12:
+                    ino, kind = node.parent, 2
+                else:
+                    child = node.children[name]
+                    ino, kind = child.ino, DIRENT_TYPE[child.type]
+                rec = _rec_len(name) if i + 1 < len(block_names) else BLOCK - DIR_TAIL - pos
+                struct.pack_into("<IHBB", data, pos, ino, rec, len(name), kind)
+                data[pos + 8:pos + 8 + len(name)] = name
+                pos += rec
+            if not block_names:
+                struct.pack_into("<IH", data, 0, 0, BLOCK - DIR_TAIL)
+            struct.pack_into("<IHBBI", data, BLOCK - DIR_TAIL, 0, DIR_TAIL, 0, 0xDE,
+                             crc32c(seed, data[:BLOCK - DIR_TAIL]))
+            self.pwrite(data, block)
+        i_block, leaves = self.extent_root(node.ino, runs)
+        self.put_inode(node, i_block, len(layout) * BLOCK, len(layout) + leaves, EXTENTS_FL)
+
+    def write_file(self, node: Node) -> None:
+        count = -(-node.size // BLOCK)
+        runs = self.runs(count) if count else []
+        if node.size:
+            path, offset = node.source
+            self.copy(path, offset, node.size, runs)
+        i_block, leaves = self.extent_root(node.ino, runs)
+        self.put_inode(node, i_block, node.size, count + leaves, EXTENTS_FL)
+
+    def copy(self, path: str, offset: int, size: int, runs: List[Tuple[int, int]]) -> None:
+        src = self.sources.get(path)
+        if src is None:
+            src = self.sources[path] = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        for start, length in runs:
+            want = min(size, length * BLOCK)
+            dst = start * BLOCK
+            while want:
+                try:
+                    done = os.copy_file_range(src, self.fd, want, offset, dst)
+                except OSError:
+                    done = 0
+                if not done:  # not supported here, or the source is shorter: read and write
+                    data = os.pread(src, min(want, 1 << 20), offset)
+                    if not data:
+                        raise LayoutError(f"{path} ends before offset {offset + want}")
+                    done = os.pwrite(self.fd, data, dst)
+                offset, dst, want, size = offset + done, dst + done, want - done, size - done
+
+    def write_symlink(self, node: Node) -> None:
+        target = node.target
+        if len(target) < 60:
+            self.put_inode(node, target, len(target), 0, 0)
+            return
+        if len(target) >= BLOCK:
+            raise LayoutError("its symlink target is longer than 4095 bytes")
+        runs = self.runs(1)
+        self.pwrite(target, runs[0][0])
+        i_block, _ = self.extent_root(node.ino, runs)
+        self.put_inode(node, i_block, len(target), 1, EXTENTS_FL)
+
+    def write_special(self, node: Node) -> None:
+        i_block = b""
+        if node.type in ("char", "block"):
+            major, minor = node.rdev or (0, 0)
+            if major < 256 and minor < 256:
+                i_block = struct.pack("<II", (major << 8) | minor, 0)
+            else:
+                i_block = struct.pack("<II", 0, (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12))
+        self.put_inode(node, i_block, 0, 0, 0)
+
+    def write_journal(self, count: int) -> bytes:
+        node = Node("file", 0o600, ino=JOURNAL_INO)
+        runs = self.runs(count)
+        header = bytearray(1024)
+        struct.pack_into(">IIIIIIII", header, 0, 0xC03B3998, 4, 0, BLOCK, count, 1, 1, 0)
+        header[0x30:0x40] = self.uuid
+        struct.pack_into(">I", header, 0x40, 1)  # one user: this filesystem
+        self.pwrite(header, runs[0][0])
+        i_block, leaves = self.extent_root(JOURNAL_INO, runs)
+        self.put_inode(node, i_block, count * BLOCK, count + leaves, EXTENTS_FL)
+        return i_block
+
+    # ---- metadata
+
+    def finish(self, label: bytes, hash_seed: bytes, journal: Optional[bytes], journal_count: int) -> None:
+        geo = self.geo
+        for first, length in geo.reserved:
+            self.mark(first, length)
+        for g in range(geo.groups):
+            self.mark(geo.block_bitmap[g], 1)
+            self.mark(geo.inode_bitmap[g], 1)
+            self.mark(geo.inode_table[g], geo.itable_blocks)
+        for ino in range(1, FIRST_INO - 1):  # reserved inodes 1-10 count as used
+            self.used_inodes[0] |= 1 << (ino - 1)
+        # Inode tables: only the blocks that hold used inodes are written (the image is sparse).
+        ipg = geo.inodes_per_group
+        for g in range(geo.groups):
+            numbers = [ino for ino in self.inodes if (ino - 1) // ipg == g]
+            if not numbers:
+                continue
+            last = max(numbers) - g * ipg
+            table = bytearray(-(-last // INODES_PER_BLOCK) * BLOCK)
+            for ino in numbers:
+                index = ino - 1 - g * ipg
+                table[index * INODE_SIZE:(index + 1) * INODE_SIZE] = self.inodes[ino]
+            self.pwrite(table, geo.inode_table[g])
+        # Bitmaps and group descriptors.
+        descs = bytearray(geo.gdt_blocks * BLOCK)
+        free_blocks = free_inodes = 0
+        for g in range(geo.groups):
+            in_group = min(BLOCKS_PER_GROUP, geo.blocks - g * BLOCKS_PER_GROUP)
+            bits = self.used_blocks[g] | (((1 << (BLOCKS_PER_GROUP - in_group)) - 1) << in_group)
+            block_bitmap = bits.to_bytes(BLOCK, "little")
+            inode_bits = self.used_inodes[g]
+            inode_bitmap = (inode_bits | (((1 << (BLOCK * 8 - ipg)) - 1) << ipg)).to_bytes(BLOCK, "little")
+            self.pwrite(block_bitmap, geo.block_bitmap[g])
+            self.pwrite(inode_bitmap, geo.inode_bitmap[g])
+            group_free_blocks = in_group - self.used_blocks[g].bit_count()
+            group_free_inodes = ipg - inode_bits.bit_count()
+            free_blocks += group_free_blocks
+            free_inodes += group_free_inodes
+            unused = ipg - inode_bits.bit_length()
+            desc = bytearray(32)
+            struct.pack_into("<IIIHHHHIHHHH", desc, 0, geo.block_bitmap[g], geo.inode_bitmap[g], geo.inode_table[g],
+                             group_free_blocks, group_free_inodes, self.dirs[g], BG_ITABLE_ZEROED, 0,
+                             crc32c(self.seed, block_bitmap) & 0xFFFF,
+                             crc32c(self.seed, inode_bitmap[:ipg // 8]) & 0xFFFF, unused, 0)
+            struct.pack_into("<H", desc, 0x1E, crc32c(crc32c(self.seed, struct.pack("<I", g)), desc) & 0xFFFF)
+            descs[g * 32:(g + 1) * 32] = desc
+        # Superblock, then its backups with the descriptors.
+        sb = bytearray(1024)
+        struct.pack_into("<13IHh4H4I2HI2H3I", sb, 0,
+                         geo.inodes, geo.blocks, geo.blocks * RESERVED_PERCENT // 100, free_blocks, free_inodes,
+                         0, 2, 2, BLOCKS_PER_GROUP, BLOCKS_PER_GROUP, ipg, 0, self.epoch,
+                         0, -1, 0xEF53, 1, 1, 0, self.epoch, 0, 0, 1, 0, 0,
+                         FIRST_INO - 1, INODE_SIZE, 0, COMPAT if journal else COMPAT & ~0x0004, INCOMPAT, RO_COMPAT)
+        sb[0x68:0x78] = self.uuid
+        sb[0x78:0x78 + len(label)] = label
+        sb[0xEC:0xFC] = hash_seed
+        struct.pack_into("<BB", sb, 0xFC, 1, 1 if journal else 0)  # half_md4 hashes; journal blocks backed up
+        struct.pack_into("<I", sb, 0x100, 0x000C)  # default mount options: user_xattr, acl
+        struct.pack_into("<I", sb, 0x108, self.epoch)
+        if journal:
+            struct.pack_into("<I", sb, 0xE0, JOURNAL_INO)
+            sb[0x10C:0x10C + 60] = journal.ljust(60, b"\0")
+            struct.pack_into("<II", sb, 0x10C + 60, 0, journal_count * BLOCK)
+        struct.pack_into("<HHI", sb, 0x15C, EXTRA_ISIZE, EXTRA_ISIZE, 0x0001)  # signed directory hash
+        sb[0x174] = max(4, (geo.groups - 1).bit_length())  # one flex group holds all metadata
+        sb[0x175] = 1  # crc32c
+        for first, _ in geo.reserved:
+            group = first // BLOCKS_PER_GROUP
+            struct.pack_into("<H", sb, 0x5A, group)
+            struct.pack_into("<I", sb, 0x3FC, crc32c(_M32, sb[:0x3FC]))
+            self.pwrite(sb, first, 1024 if group == 0 else 0)
+            self.pwrite(descs, first + 1)
+
+
+def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *, uuid: bytes, hash_seed: bytes,
+                label: bytes, epoch: int) -> Geometry:
+    """Write an ext4 filesystem of ``blocks`` 4 KiB blocks into ``fd`` (an empty file).
+
+    ``tree[0]`` is the root directory and ``tree`` lists every other inode once
+    (directories with their ``children`` set, ``/lost+found`` among them or
+    not: one is made when missing); ``links`` of non-directories is their
+    number of names. ``inodes`` is the minimum inode count. Raises
+    :class:`NoSpace` (nothing usable written) or :class:`LayoutError`.
+    """
+    geometry = Geometry(blocks, inodes)
+    root = tree[0]
+    lost = root.children.get(b"lost+found")
+    if lost is None:
+        lost = Node("dir", 0o700, children={})
+        root.children[b"lost+found"] = lost
+    others = [node for node in tree[1:] if node is not lost]
+    if FIRST_INO - 1 + len(others) > geometry.inodes:
+        raise NoSpace("out of inodes", inodes=FIRST_INO - 1 + len(others))
+    root.ino, lost.ino = ROOT_INO, LOST_FOUND_INO
+    for number, node in enumerate(others, FIRST_INO):
+        node.ino = number
+    for node in [root, lost] + others:
+        if node.type == "dir":
+            subdirs = 0
+            for child in node.children.values():
+                if child.type == "dir":
+                    child.parent = node.ino
+                    subdirs += 1
+            node.links = 2 + subdirs if subdirs + 2 < 65000 else 1
+    root.parent = ROOT_INO
+    os.ftruncate(fd, geometry.blocks * BLOCK)
+    writer = _Writer(fd, geometry, uuid, epoch)
+    try:
+        count = journal_blocks(geometry.blocks)
+        journal = writer.write_journal(count) if count else None
+        for node in [root, lost] + others:
+            try:
+                if node.type == "dir":
+                    writer.write_dir(node)
+                elif node.type == "file":
+                    writer.write_file(node)
+                elif node.type == "symlink":
+                    writer.write_symlink(node)
+                else:
+                    writer.write_special(node)
+            except LayoutError as exc:
+                raise LayoutError(f"{node.path or f'inode {node.ino}'}: {exc}") from None
+        writer.finish(label, hash_seed, journal, count)
+    finally:
+        for src in writer.sources.values():
+            os.close(src)
+    return geometry
