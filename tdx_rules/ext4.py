@@ -16,8 +16,13 @@ Same tree, agent, epoch, size and label give a byte-identical image whatever
 the host, its clock, umask, file times or the build directory:
 
 * the filesystem UUID and directory hash seed are derived from a SHA-256 over
-  the whole input (paths, metadata, content identities, agent, epoch, size,
-  label); the metadata checksum seed and the journal's UUID follow from it;
+  the whole input: paths, metadata, symlink targets, xattrs, every file's size
+  and CRC-32C (worked out in a thread while the bytes are copied; a
+  fingerprint, not a security digest: the rootfs cache is keyed by the layers'
+  SHA-256 digests), epoch, size and label. The same tree therefore gives the
+  same image from a plain or a compressed layer, or from layers whose tar
+  headers differ in what the image does not keep (member mtimes, say). The
+  metadata checksum seed and the journal's UUID follow from the UUID;
 * every timestamp (inodes, superblock write/check/mkfs times) is ``epoch``,
   inode generations are 0, nothing counts bytes written;
 * inode numbers and block allocation follow the sorted path order.
@@ -42,7 +47,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from . import ext4_writer as writer
 from .errors import TdxError
-from .fsutil import sha256_file
+from .fsutil import RangeHasher
 
 # Entry types, as tdx_rules.oci names them.
 FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK_DEV, FIFO = "file", "dir", "symlink", "hardlink", "char", "block", "fifo"
@@ -82,12 +87,12 @@ class _Inode:
     body: Optional[str]
     offset: Optional[int]  # where the bytes start in ``body``; None: the whole file
     size: int
-    content: Optional[str]  # sha256 of the bytes, or another identity of them (their place in a verified layer)
+    content: Optional[str]  # fingerprint of the bytes: size and CRC-32C, worked out while the image is written
     paths: List[str]
 
 
 def _key(path: str) -> Tuple[bytes, ...]:
-    return tuple(os.fsencode(part) for part in path.split("/") if part)
+    return tuple(part for part in os.fsencode(path).split(b"/") if part)
 
 
 def _inodes(entries: Iterable) -> Dict[str, _Inode]:
@@ -106,18 +111,16 @@ def _inodes(entries: Iterable) -> Dict[str, _Inode]:
         if entry.type not in _TYPES:
             raise TdxError(f"{entry.path!r}: unknown entry type {entry.type!r}; rebuild the tree")
         offset = getattr(entry, "offset", None)
-        content = entry.sha256 or getattr(entry, "origin", None)
         size = entry.size
         if entry.type == FILE and entry.body is not None and offset is None:
             try:
                 size = os.stat(entry.body).st_size
-                if content is None:
-                    content = sha256_file(entry.body)  # the image identity must cover the content
             except OSError as exc:
                 raise TdxError(f"{entry.path!r}: its body {entry.body} cannot be read ({exc.strerror or exc}); "
-                               "keep the tree's staging directory until the image is built") from None
+                               "keep the tree (its staging directory, its layer files) until the image is "
+                               "built") from None
         by_path[entry.path] = _Inode(entry.type, entry.mode & 0o7777, entry.uid, entry.gid, entry.rdev,
-                                     tuple(entry.xattrs), entry.target, entry.body, offset, size, content,
+                                     tuple(entry.xattrs), entry.target, entry.body, offset, size, None,
                                      [entry.path])
     if "/" not in by_path:
         by_path["/"] = _dir("/")
@@ -155,8 +158,8 @@ def tool(name: str) -> str:
 
 
 def _check_path(path: str) -> None:
-    for part in path.split("/"):
-        if len(os.fsencode(part)) > 255:
+    for part in os.fsencode(path).split(b"/"):
+        if len(part) > 255:
             raise TdxError(f"image path {path!r} has a name longer than 255 bytes, the ext4 limit; rename it")
 
 
@@ -212,11 +215,11 @@ def _place_agent(inodes: Dict[str, _Inode], agent: str, guest_path: str) -> str:
             for path in existing.paths:
                 inodes[path] = existing
     try:
-        size = os.stat(agent).st_size
-        digest = sha256_file(agent)
+        with open(agent, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
     except OSError as exc:
         raise TdxError(f"agent {agent}: cannot read ({exc.strerror or exc}); build the agent first") from None
-    inodes[final] = _Inode(FILE, 0o755, 0, 0, None, (), None, agent, None, size, digest, [final])
+    inodes[final] = _Inode(FILE, 0o755, 0, 0, None, (), None, agent, None, size, None, [final])
     return final
 
 
@@ -408,11 +411,26 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
     if given is not None and (given < minimum or _needed_blocks(content, used_inodes, given) * BLOCK > given):
         raise _space_error(out, given, minimum, auto, "estimated from its files, directories and metadata")
     inode_count = _inode_count(used_inodes, image_size)
-    uuid_seed = _identity(unique, epoch, image_size, label)
-    uuid = _uuid(uuid_seed)
-    hash_seed = _uuid(hashlib.sha256(b"hash_seed\0" + uuid_seed).digest())
     nodes = _nodes(unique, inodes)
     e2fsck = tool("e2fsck")
+    # The bodies' fingerprints (the image identity covers the content) are worked out by
+    # another thread while the writer allocates blocks and copies the bytes.
+    unhashed = [inode for inode in unique if inode.type == FILE and inode.body is not None]
+    hasher = RangeHasher([(inode.body, inode.offset or 0, inode.size) for inode in unhashed], writer.Crc32c)
+    hasher.start()
+    ids: Dict[str, str] = {}
+
+    def identity() -> Tuple[bytes, bytes]:
+        try:
+            digests = hasher.result()
+        except (OSError, EOFError) as exc:
+            raise TdxError(f"{out}: a file body cannot be read ({getattr(exc, 'strerror', None) or exc}); keep the "
+                           "tree (its staging directory, its layer files) until the image is built") from None
+        for inode, digest in zip(unhashed, digests):
+            inode.content = f"{inode.size}:crc32c:{digest}"
+        seed = _identity(unique, epoch, image_size, label)
+        ids["uuid"], ids["hash_seed"] = _uuid(seed), _uuid(hashlib.sha256(b"hash_seed\0" + seed).digest())
+        return tuple(bytes.fromhex(ids[key].replace("-", "")) for key in ("uuid", "hash_seed"))
 
     directory = os.path.dirname(out)
     try:
@@ -425,9 +443,7 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
         try:
             with os.fdopen(fd, "r+b") as handle:
                 geometry = writer.write_image(handle.fileno(), image_size // BLOCK, inode_count, nodes,
-                                              uuid=bytes.fromhex(uuid.replace("-", "")),
-                                              hash_seed=bytes.fromhex(hash_seed.replace("-", "")),
-                                              label=label.encode(), epoch=epoch)
+                                              identity=identity, label=label.encode(), epoch=epoch)
         except writer.NoSpace as exc:
             raise _space_error(out, given, max(minimum, (exc.blocks or 0) * BLOCK), auto, str(exc)) from None
         except writer.LayoutError as exc:
@@ -445,9 +461,10 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
         os.chmod(image, 0o644)
         os.replace(image, out)
     finally:
+        hasher.join()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image)
-    return Ext4Image(out, geometry.blocks * BLOCK, uuid, geometry.inodes)
+    return Ext4Image(out, geometry.blocks * BLOCK, ids["uuid"], geometry.inodes)
 
 
 def is_valid_image(path) -> bool:

@@ -1,6 +1,9 @@
 """Write an ext4 filesystem image straight from an inode model: no mkfs, no mount, no root.
 
-:func:`write_image` lays out and writes one image file in a single pass:
+:func:`write_image` lays out and writes one image file in three phases:
+every block is allocated first, then the file bytes are copied (nothing that
+depends on the UUID), then the caller's ``identity()`` gives the UUID and all
+metadata is written with its checksums. The layout:
 
 * 4096-byte blocks, 32768 blocks per group, 256-byte inodes;
 * features ``has_journal ext_attr dir_index filetype extent flex_bg
@@ -20,6 +23,7 @@
   in the inode when they fit in its 92 spare bytes, else in one xattr block;
 * file bodies are copied with ``copy_file_range`` from ``(host file, offset)``
   into a sparse image file, so a tar layer is never unpacked on the host.
+  Nothing is fsynced here; the ``e2fsck`` check of the caller flushes the file.
 
 Everything in the image is a function of the arguments: there is no clock, no
 host path, no random number. Sizes that do not fit raise :class:`NoSpace`
@@ -29,7 +33,7 @@ with the number of blocks the layout needed.
 import dataclasses
 import os
 import struct
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 try:
     import google_crc32c
@@ -102,6 +106,20 @@ def crc32c(seed: int, data) -> int:
     for byte in bytes(data):
         crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     return crc
+
+
+class Crc32c:
+    """CRC-32C as a hashlib-style object (``update``, ``hexdigest``): the standard
+    checksum (check value of b"123456789": e3069283), for fingerprinting bytes."""
+
+    def __init__(self):
+        self._crc = _M32
+
+    def update(self, data) -> None:
+        self._crc = crc32c(self._crc, data)
+
+    def hexdigest(self) -> str:
+        return f"{self._crc ^ _M32:08x}"
 
 
 # --------------------------------------------------------------------------- model
@@ -307,19 +325,34 @@ def _xattr_area(entries, size: int, first: int, value_base: int) -> Optional[byt
 
 # --------------------------------------------------------------------------- writer
 
+@dataclasses.dataclass
+class _Plan:
+    """Where one inode's blocks go, decided before anything is written."""
+
+    runs: List[Tuple[int, int]]  # data (file bytes, directory blocks, a long symlink's target)
+    leaves: List[int]  # extent leaf blocks, when the runs do not fit the inode
+    xattr_block: int  # 0: the xattrs (if any) live in the inode
+    xattr_area: Optional[bytearray]  # the inode's spare bytes or the xattr block, checksum left out
+
+
 class _Writer:
-    def __init__(self, fd: int, geometry: Geometry, uuid: bytes, epoch: int):
+    def __init__(self, fd: int, geometry: Geometry, epoch: int):
         self.fd = fd
         self.geo = geometry
-        self.uuid = uuid
         self.epoch = epoch & _M32
         self.extra = 1 if epoch & (1 << 31) else 0  # epoch bits of the *_extra words: the low 32 are signed
-        self.seed = crc32c(_M32, uuid)
+        self.uuid = b""
+        self.seed = 0
         self.used_blocks = [0] * geometry.groups  # per group: int bitmaps
         self.used_inodes = [0] * geometry.groups
         self.dirs = [0] * geometry.groups
         self.inodes: Dict[int, bytes] = {}
         self.sources: Dict[str, int] = {}
+
+    def set_uuid(self, uuid: bytes) -> None:
+        """The filesystem UUID; every metadata checksum is seeded from it."""
+        self.uuid = uuid
+        self.seed = crc32c(_M32, uuid)
 
     # ---- block accounting
 
@@ -344,28 +377,71 @@ class _Writer:
             done = os.pwrite(self.fd, view, position)
             view, position = view[done:], position + done
 
-    # ---- inodes
+    # ---- phase 1: allocation
+
+    def plan(self, node: Node, data_blocks: int) -> _Plan:
+        """Allocate ``data_blocks`` for ``node``, then its extent leaves, then its xattr block."""
+        runs = self.runs(data_blocks) if data_blocks else []
+        leaves = []
+        if len(runs) > 4:
+            count = -(-len(runs) // EXTENTS_PER_LEAF)
+            if count > 4:
+                raise LayoutError("too many extents for one level of extent blocks")
+            leaves = [self.runs(1)[0][0] for _ in range(count)]
+        xattr_block, area = 0, None
+        if node.xattrs:
+            entries = _xattr_entries(node.xattrs)
+            area = _xattr_area(entries, INODE_SIZE - 160, 4, 4)
+            if area is not None:
+                struct.pack_into("<I", area, 0, XATTR_MAGIC)
+            else:
+                area = _xattr_area(entries, BLOCK, 32, 0)
+                if area is None:
+                    raise LayoutError("its xattrs take more than one 4 KiB block")
+                xattr_block = self.runs(1)[0][0]
+                block_hash = 0
+                for _, name, value in entries:
+                    block_hash = ((block_hash << 16) ^ (block_hash >> 16) ^ _xattr_hash(name, value)) & _M32
+                struct.pack_into("<IIII", area, 0, XATTR_MAGIC, 1, 1, block_hash)
+        return _Plan(runs, leaves, xattr_block, area)
+
+    # ---- phase 2: file bytes (no checksum covers them)
+
+    def copy(self, path: str, offset: int, size: int, runs: List[Tuple[int, int]]) -> None:
+        src = self.sources.get(path)
+        if src is None:
+            src = self.sources[path] = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        for start, length in runs:
+            want = min(size, length * BLOCK)
+            dst = start * BLOCK
+            while want:
+                try:
+                    done = os.copy_file_range(src, self.fd, want, offset, dst)
+                except OSError:
+                    done = 0
+                if not done:  # not supported here, or the source is shorter: read and write
+                    data = os.pread(src, min(want, 1 << 20), offset)
+                    if not data:
+                        raise LayoutError(f"{path} ends before offset {offset + want}")
+                    done = os.pwrite(self.fd, data, dst)
+                offset, dst, want, size = offset + done, dst + done, want - done, size - done
+
+    # ---- phase 3: metadata
 
     def inode_seed(self, ino: int) -> int:
         return crc32c(crc32c(self.seed, struct.pack("<I", ino)), b"\0\0\0\0")  # generation 0
 
-    def extent_root(self, ino: int, runs: List[Tuple[int, int]]) -> Tuple[bytes, int]:
-        """i_block bytes for ``runs`` and the number of extent leaf blocks used."""
-        def extent(logical, start, length):
-            return struct.pack("<IHHI", logical, length, start >> 32, start & _M32)
-
+    def extent_root(self, ino: int, plan: _Plan) -> bytes:
+        """i_block bytes for the plan's runs; writes its extent leaf blocks."""
         extents, logical = [], 0
-        for start, length in runs:
-            extents.append(extent(logical, start, length))
+        for start, length in plan.runs:
+            extents.append(struct.pack("<IHHI", logical, length, start >> 32, start & _M32))
             logical += length
-        if len(extents) <= 4:
-            return struct.pack("<HHHHI", 0xF30A, len(extents), 4, 0, 0) + b"".join(extents), 0
-        leaves = [extents[i:i + EXTENTS_PER_LEAF] for i in range(0, len(extents), EXTENTS_PER_LEAF)]
-        if len(leaves) > 4:
-            raise LayoutError("too many extents for one level of extent blocks")
+        if not plan.leaves:
+            return struct.pack("<HHHHI", 0xF30A, len(extents), 4, 0, 0) + b"".join(extents)
         index, first_logical = [], 0
-        for leaf in leaves:
-            (block, _), = self.runs(1)
+        for number, block in enumerate(plan.leaves):
+            leaf = extents[number * EXTENTS_PER_LEAF:(number + 1) * EXTENTS_PER_LEAF]
             data = bytearray(BLOCK)
             struct.pack_into("<HHHHI", data, 0, 0xF30A, len(leaf), EXTENTS_PER_LEAF, 0, 0)
             data[12:12 + 12 * len(leaf)] = b"".join(leaf)
@@ -374,40 +450,28 @@ class _Writer:
             self.pwrite(data, block)
             index.append(struct.pack("<IIHH", first_logical, block & _M32, block >> 32, 0))
             first_logical += sum(struct.unpack_from("<H", e, 4)[0] for e in leaf)
-        return struct.pack("<HHHHI", 0xF30A, len(index), 4, 1, 0) + b"".join(index), len(leaves)
+        return struct.pack("<HHHHI", 0xF30A, len(index), 4, 1, 0) + b"".join(index)
 
-    def put_inode(self, node: Node, i_block: bytes, size: int, blocks: int, flags: int) -> None:
-        """Encode, checksum and keep inode ``node.ino``; ``blocks`` counts 4 KiB blocks."""
+    def put_inode(self, node: Node, plan: _Plan, i_block: bytes, size: int, flags: int) -> None:
+        """Encode, checksum and keep inode ``node.ino`` (and write its xattr block)."""
         ino = node.ino
         raw = bytearray(INODE_SIZE)
-        xattr_block = 0
-        if node.xattrs:
-            entries = _xattr_entries(node.xattrs)
-            area = _xattr_area(entries, INODE_SIZE - 160, 4, 4)
-            if area is not None:
-                struct.pack_into("<I", area, 0, XATTR_MAGIC)
-                raw[160:] = area
-            else:
-                area = _xattr_area(entries, BLOCK, 32, 0)
-                if area is None:
-                    raise LayoutError("its xattrs take more than one 4 KiB block")
-                (xattr_block, _), = self.runs(1)
-                blocks += 1
-                block_hash = 0
-                for _, name, value in entries:
-                    block_hash = ((block_hash << 16) ^ (block_hash >> 16) ^ _xattr_hash(name, value)) & _M32
-                struct.pack_into("<IIII", area, 0, XATTR_MAGIC, 1, 1, block_hash)
-                checksum = crc32c(crc32c(self.seed, struct.pack("<Q", xattr_block)), area)
-                struct.pack_into("<I", area, 16, checksum)
-                self.pwrite(area, xattr_block)
+        if plan.xattr_block:
+            area = plan.xattr_area
+            struct.pack_into("<I", area, 16, 0)
+            struct.pack_into("<I", area, 16, crc32c(crc32c(self.seed, struct.pack("<Q", plan.xattr_block)), area))
+            self.pwrite(area, plan.xattr_block)
+        elif plan.xattr_area is not None:
+            raw[160:] = plan.xattr_area
+        blocks = sum(length for _, length in plan.runs) + len(plan.leaves) + (1 if plan.xattr_block else 0)
         mode = S_IFMT[node.type] | (node.mode & 0o7777)
         sectors = blocks * (BLOCK // 512)
         t = self.epoch
         struct.pack_into("<HHIIIIIHHII", raw, 0, mode, node.uid & 0xFFFF, size & _M32, t, t, t, 0,
                          node.gid & 0xFFFF, node.links, sectors & _M32, flags)
         raw[0x28:0x28 + len(i_block)] = i_block
-        struct.pack_into("<III", raw, 0x64, 0, xattr_block & _M32, size >> 32)
-        struct.pack_into("<HHHH", raw, 0x74, (sectors >> 32) & 0xFFFF, xattr_block >> 32, node.uid >> 16,
+        struct.pack_into("<III", raw, 0x64, 0, plan.xattr_block & _M32, size >> 32)
+        struct.pack_into("<HHHH", raw, 0x74, (sectors >> 32) & 0xFFFF, plan.xattr_block >> 32, node.uid >> 16,
                          node.gid >> 16)
         struct.pack_into("<HHIIIII", raw, 0x80, EXTRA_ISIZE, 0, self.extra, self.extra, self.extra, t, self.extra)
         checksum = crc32c(self.inode_seed(ino), raw)
@@ -419,15 +483,8 @@ class _Writer:
         if node.type == "dir":
             self.dirs[group] += 1
 
-    # ---- contents
-
-    def write_dir(self, node: Node) -> None:
-        names = sorted(node.children)
-        layout = _pack_dir(names)
-        if node.ino == LOST_FOUND_INO:
-            layout += [[] for _ in range(LOST_FOUND_BLOCKS - len(layout))]
-        runs = self.runs(len(layout))
-        blocks = [start + i for start, length in runs for i in range(length)]
+    def write_dir(self, node: Node, plan: _Plan, layout: List[List[bytes]]) -> None:
+        blocks = [start + i for start, length in plan.runs for i in range(length)]
         seed = self.inode_seed(node.ino)
         for block, block_names in zip(blocks, layout):
             data = bytearray(BLOCK)
@@ -449,72 +506,37 @@ class _Writer:
             struct.pack_into("<IHBBI", data, BLOCK - DIR_TAIL, 0, DIR_TAIL, 0, 0xDE,
                              crc32c(seed, data[:BLOCK - DIR_TAIL]))
             self.pwrite(data, block)
-        i_block, leaves = self.extent_root(node.ino, runs)
-        self.put_inode(node, i_block, len(layout) * BLOCK, len(layout) + leaves, EXTENTS_FL)
+        self.put_inode(node, plan, self.extent_root(node.ino, plan), len(layout) * BLOCK, EXTENTS_FL)
 
-    def write_file(self, node: Node) -> None:
-        count = -(-node.size // BLOCK)
-        runs = self.runs(count) if count else []
-        if node.size:
-            path, offset = node.source
-            self.copy(path, offset, node.size, runs)
-        i_block, leaves = self.extent_root(node.ino, runs)
-        self.put_inode(node, i_block, node.size, count + leaves, EXTENTS_FL)
+    def write_inode(self, node: Node, plan: _Plan) -> None:
+        """The metadata of a file, symlink, device or fifo (file bytes are already in place)."""
+        if node.type == "file":
+            self.put_inode(node, plan, self.extent_root(node.ino, plan), node.size, EXTENTS_FL)
+        elif node.type == "symlink" and plan.runs:
+            self.pwrite(node.target, plan.runs[0][0])
+            self.put_inode(node, plan, self.extent_root(node.ino, plan), len(node.target), EXTENTS_FL)
+        elif node.type == "symlink":
+            self.put_inode(node, plan, node.target, len(node.target), 0)
+        else:
+            i_block = b""
+            if node.type in ("char", "block"):
+                major, minor = node.rdev or (0, 0)
+                if major < 256 and minor < 256:
+                    i_block = struct.pack("<II", (major << 8) | minor, 0)
+                else:
+                    i_block = struct.pack("<II", 0, (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12))
+            self.put_inode(node, plan, i_block, 0, 0)
 
-    def copy(self, path: str, offset: int, size: int, runs: List[Tuple[int, int]]) -> None:
-        src = self.sources.get(path)
-        if src is None:
-            src = self.sources[path] = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        for start, length in runs:
-            want = min(size, length * BLOCK)
-            dst = start * BLOCK
-            while want:
-                try:
-                    done = os.copy_file_range(src, self.fd, want, offset, dst)
-                except OSError:
-                    done = 0
-                if not done:  # not supported here, or the source is shorter: read and write
-                    data = os.pread(src, min(want, 1 << 20), offset)
-                    if not data:
-                        raise LayoutError(f"{path} ends before offset {offset + want}")
-                    done = os.pwrite(self.fd, data, dst)
-                offset, dst, want, size = offset + done, dst + done, want - done, size - done
-
-    def write_symlink(self, node: Node) -> None:
-        target = node.target
-        if len(target) < 60:
-            self.put_inode(node, target, len(target), 0, 0)
-            return
-        if len(target) >= BLOCK:
-            raise LayoutError("its symlink target is longer than 4095 bytes")
-        runs = self.runs(1)
-        self.pwrite(target, runs[0][0])
-        i_block, _ = self.extent_root(node.ino, runs)
-        self.put_inode(node, i_block, len(target), 1, EXTENTS_FL)
-
-    def write_special(self, node: Node) -> None:
-        i_block = b""
-        if node.type in ("char", "block"):
-            major, minor = node.rdev or (0, 0)
-            if major < 256 and minor < 256:
-                i_block = struct.pack("<II", (major << 8) | minor, 0)
-            else:
-                i_block = struct.pack("<II", 0, (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12))
-        self.put_inode(node, i_block, 0, 0, 0)
-
-    def write_journal(self, count: int) -> bytes:
-        node = Node("file", 0o600, ino=JOURNAL_INO)
-        runs = self.runs(count)
+    def write_journal(self, plan: _Plan) -> bytes:
+        count = sum(length for _, length in plan.runs)
         header = bytearray(1024)
         struct.pack_into(">IIIIIIII", header, 0, 0xC03B3998, 4, 0, BLOCK, count, 1, 1, 0)
         header[0x30:0x40] = self.uuid
         struct.pack_into(">I", header, 0x40, 1)  # one user: this filesystem
-        self.pwrite(header, runs[0][0])
-        i_block, leaves = self.extent_root(JOURNAL_INO, runs)
-        self.put_inode(node, i_block, count * BLOCK, count + leaves, EXTENTS_FL)
+        self.pwrite(header, plan.runs[0][0])
+        i_block = self.extent_root(JOURNAL_INO, plan)
+        self.put_inode(Node("file", 0o600, ino=JOURNAL_INO), plan, i_block, count * BLOCK, EXTENTS_FL)
         return i_block
-
-    # ---- metadata
 
     def finish(self, label: bytes, hash_seed: bytes, journal: Optional[bytes], journal_count: int) -> None:
         geo = self.geo
@@ -589,15 +611,20 @@ class _Writer:
             self.pwrite(descs, first + 1)
 
 
-def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *, uuid: bytes, hash_seed: bytes,
-                label: bytes, epoch: int) -> Geometry:
+def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *,
+                identity: Callable[[], Tuple[bytes, bytes]], label: bytes, epoch: int) -> Geometry:
     """Write an ext4 filesystem of ``blocks`` 4 KiB blocks into ``fd`` (an empty file).
 
     ``tree[0]`` is the root directory and ``tree`` lists every other inode once
     (directories with their ``children`` set, ``/lost+found`` among them or
     not: one is made when missing); ``links`` of non-directories is their
-    number of names. ``inodes`` is the minimum inode count. Raises
-    :class:`NoSpace` (nothing usable written) or :class:`LayoutError`.
+    number of names. ``inodes`` is the minimum inode count.
+
+    Blocks are allocated first, then the file bytes copied; only then is
+    ``identity()`` called for ``(uuid, hash_seed)`` (16 bytes each), which the
+    metadata and its checksums depend on: a caller can work out the identity
+    while the bytes are copied. Raises :class:`NoSpace` (nothing usable
+    written) or :class:`LayoutError`.
     """
     geometry = Geometry(blocks, inodes)
     root = tree[0]
@@ -611,7 +638,8 @@ def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *, uuid
     root.ino, lost.ino = ROOT_INO, LOST_FOUND_INO
     for number, node in enumerate(others, FIRST_INO):
         node.ino = number
-    for node in [root, lost] + others:
+    ordered = [root, lost] + others
+    for node in ordered:
         if node.type == "dir":
             subdirs = 0
             for child in node.children.values():
@@ -621,23 +649,41 @@ def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *, uuid
             node.links = 2 + subdirs if subdirs + 2 < 65000 else 1
     root.parent = ROOT_INO
     os.ftruncate(fd, geometry.blocks * BLOCK)
-    writer = _Writer(fd, geometry, uuid, epoch)
+    writer = _Writer(fd, geometry, epoch)
     try:
-        count = journal_blocks(geometry.blocks)
-        journal = writer.write_journal(count) if count else None
-        for node in [root, lost] + others:
+        journal_count = journal_blocks(geometry.blocks)
+        journal_plan = writer.plan(Node("file"), journal_count) if journal_count else None
+        plans, layouts = [], {}
+        for node in ordered:
             try:
                 if node.type == "dir":
-                    writer.write_dir(node)
+                    layout = _pack_dir(sorted(node.children))
+                    if node is lost:
+                        layout += [[] for _ in range(LOST_FOUND_BLOCKS - len(layout))]
+                    layouts[node.ino] = layout
+                    plans.append(writer.plan(node, len(layout)))
                 elif node.type == "file":
-                    writer.write_file(node)
+                    plans.append(writer.plan(node, -(-node.size // BLOCK)))
                 elif node.type == "symlink":
-                    writer.write_symlink(node)
+                    if len(node.target) >= BLOCK:
+                        raise LayoutError("its symlink target is longer than 4095 bytes")
+                    plans.append(writer.plan(node, 1 if len(node.target) >= 60 else 0))
                 else:
-                    writer.write_special(node)
+                    plans.append(writer.plan(node, 0))
             except LayoutError as exc:
                 raise LayoutError(f"{node.path or f'inode {node.ino}'}: {exc}") from None
-        writer.finish(label, hash_seed, journal, count)
+        for node, plan in zip(ordered, plans):
+            if node.type == "file" and node.size:
+                writer.copy(node.source[0], node.source[1], node.size, plan.runs)
+        uuid, hash_seed = identity()
+        writer.set_uuid(uuid)
+        journal = writer.write_journal(journal_plan) if journal_plan else None
+        for node, plan in zip(ordered, plans):
+            if node.type == "dir":
+                writer.write_dir(node, plan, layouts[node.ino])
+            else:
+                writer.write_inode(node, plan)
+        writer.finish(label, hash_seed, journal, journal_count)
     finally:
         for src in writer.sources.values():
             os.close(src)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 
 from .errors import TdxError
 
@@ -143,3 +144,48 @@ def resolve_recorded(path, cache: str):
     if relative.startswith("/") or ".." in relative.split("/"):
         raise TdxError(f"kernel info names {path!r}, which is not inside the download cache; rebuild the kernel stage")
     return os.path.join(cache, relative)
+
+
+class RangeHasher(threading.Thread):
+    """Digests of byte ranges of files, computed in a thread while the caller goes on.
+    ``ranges`` are ``(path, offset, size)`` (size None: to the end of the file);
+    ``digest`` makes a hashlib-style object (SHA-256 unless told). :meth:`result`
+    waits and returns the hex digests in order, or raises what reading raised."""
+
+    def __init__(self, ranges, digest=hashlib.sha256):
+        super().__init__(daemon=True)
+        self._ranges = list(ranges)
+        self._digest = digest
+        self._digests: list = []
+        self._error = None
+
+    def run(self) -> None:
+        handles: dict = {}
+        try:
+            for path, offset, size in self._ranges:
+                handle = handles.get(path)
+                if handle is None:
+                    handle = handles[path] = open(path, "rb", buffering=0)
+                digest = self._digest()
+                handle.seek(offset)
+                while size is None or size:
+                    data = handle.read(CHUNK if size is None else min(size, CHUNK))
+                    if not data:
+                        if size is None:
+                            break
+                        raise EOFError(f"{path} ends {size} bytes before the end of the range")
+                    digest.update(data)
+                    if size is not None:
+                        size -= len(data)
+                self._digests.append(digest.hexdigest())
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    def result(self) -> list:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._digests

@@ -25,9 +25,13 @@ bottom to top, as :class:`Layer` objects that are only read when applied:
 Layers may be plain tar, tar+gzip or tar+zstd (recognised by their magic
 bytes, so a ``docker save`` ``layer.tar`` that is in fact compressed works too).
 
-:func:`apply_layers` streams the layers into a :class:`Tree`: file bodies go
-to a content-addressed store below a staging directory (mode 0600 files,
-0700 directories: the real mode and owner live in the model only), while
+:func:`apply_layers` streams the layers into a :class:`Tree`. Bodies of an
+uncompressed layer that lies in a file (an OCI blob, a member of a ``docker
+save`` tarball) stay where they are: the tree records their offset in the
+blob, after the blob's digest is checked and each body is hashed (two threads,
+while the headers are read by :func:`scan_tar`). Other bodies go to a
+content-addressed store below a staging directory (mode 0600 files, 0700
+directories: the real mode and owner live in the model only), while
 paths, types, modes including setuid/setgid/sticky, owners, device numbers,
 xattrs (PAX ``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``), symlink targets
 and hard links are kept in memory. Whiteouts follow the OCI rules
@@ -61,7 +65,7 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 import zstandard
 
 from .errors import TdxError
-from .fsutil import CHUNK, FileSlice, expansion_exceeded
+from .fsutil import CHUNK, FileSlice, RangeHasher, expansion_exceeded
 
 PLATFORM = "linux/amd64"
 MAX_JSON = 16 << 20  # manifests, indexes and configs larger than this are refused
@@ -216,25 +220,254 @@ def _tar_member(info: tarfile.TarInfo) -> Member:
                   info.linkname, info.size if kind == FILE else 0, xattrs)
 
 
+class BodyRef:
+    """A regular file's bytes left where they are: ``size`` bytes at ``offset`` of
+    the host file ``path`` (an uncompressed layer blob). Readable like any member body."""
+
+    def __init__(self, path: str, offset: int, size: int):
+        self.path, self.offset, self.size = path, offset, size
+        self._stream = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self._stream is None:
+            self._stream = FileSlice(open(self.path, "rb"), self.offset, self.size)
+        data = self._stream.read(size)
+        if not data:
+            self._stream._handle.close()
+        return data
+
+
+class _Window(io.RawIOBase):
+    """Seekable view of ``size`` bytes at ``base`` of an open file, positions relative to ``base``."""
+
+    def __init__(self, handle, base: int, size: int):
+        super().__init__()
+        self._handle, self._base, self._size, self._pos = handle, base, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, pos if whence == 0 else self._pos + pos if whence == 1 else self._size + pos)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        want = max(0, min(len(buffer), self._size - self._pos))
+        if not want:
+            return 0
+        self._handle.seek(self._base + self._pos)
+        n = self._handle.readinto(memoryview(buffer)[:want])
+        self._pos += n
+        return n
+
+
+_SCAN_KINDS = {b"0": FILE, b"\0": FILE, b"7": FILE, b"1": HARDLINK, b"2": SYMLINK, b"3": CHAR, b"4": BLOCK,
+               b"5": DIR, b"6": FIFO}
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _octal(field: bytes) -> Optional[int]:
+    """A header number as tarfile reads it (up to a NUL, blanks around), or None."""
+    text = field.split(b"\0", 1)[0].strip()
+    if not text:
+        return 0 if field[:1] not in (b"\x80", b"\xff") else None
+    if not text.isdigit():
+        return None  # base-256, a sign, an underscore: left to tarfile
+    try:
+        return int(text, 8)
+    except ValueError:
+        return None
+
+
+def _pax_records(payload: bytes) -> Optional[Dict[str, bytes]]:
+    records: Dict[str, bytes] = {}
+    pos = 0
+    while pos < len(payload) and payload[pos:pos + 1] != b"\0":
+        space = payload.find(b" ", pos)
+        if space < 0 or not payload[pos:space].isdigit():
+            return None
+        end = pos + int(payload[pos:space])
+        equals = payload.find(b"=", space)
+        if end > len(payload) or end <= space or payload[end - 1:end] != b"\n" or not space < equals < end:
+            return None
+        records[payload[space + 1:equals].decode("utf-8", "surrogateescape")] = payload[equals + 1:end - 1]
+        pos = end
+    return records
+
+
+class _Sequential:
+    """Reads ``size`` bytes at ``base`` of ``fd`` front to back in CHUNK-sized reads,
+    stepping over what :meth:`skip` passes."""
+
+    def __init__(self, fd: int, base: int, size: int):
+        self._fd, self._base, self._size = fd, base, size
+        self._buffer = bytearray(CHUNK)
+        self._view = memoryview(self._buffer)[:0]
+        self._read = 0  # bytes read from the file so far
+        self.pos = 0  # archive offset of the next byte handed out
+
+    def _fill(self) -> bool:
+        want = min(CHUNK, self._size - self._read)
+        if want <= 0:
+            return False
+        n = os.preadv(self._fd, [memoryview(self._buffer)[:want]], self._base + self._read)
+        if n <= 0:
+            return False
+        self._read += n
+        self._view = memoryview(self._buffer)[:n]
+        return True
+
+    def take(self, count: int) -> Optional[bytes]:
+        """The next ``count`` bytes, or None when the file ends first."""
+        if count <= len(self._view):  # the usual case: all buffered
+            part = bytes(self._view[:count])
+            self._view = self._view[count:]
+            self.pos += count
+            return part
+        parts = []
+        while count:
+            if not self._view and not self._fill():
+                return None
+            part = self._view[:count]
+            parts.append(bytes(part))
+            self._view = self._view[len(part):]
+            self.pos += len(part)
+            count -= len(part)
+        return b"".join(parts)
+
+    def skip(self, count: int) -> bool:
+        """Step over the next ``count`` bytes (what is not buffered is not read); False past the end."""
+        buffered = min(count, len(self._view))
+        self._view = self._view[buffered:]
+        self._read += count - buffered
+        self.pos += count
+        return self._read <= self._size
+
+
+def scan_tar(fd: int, base: int, size: int) -> Optional[List[Tuple[Member, int]]]:
+    """Every member of the uncompressed tar at ``base`` of ``fd`` with its data offset (from
+    ``base``), in one sequential read; None when the archive uses something left to
+    :mod:`tarfile` (sparse files, base-256 numbers, unknown types, a damaged header, no
+    end-of-archive block)."""
+    members: List[Tuple[Member, int]] = []
+    global_pax: Dict[str, bytes] = {}
+    pending: Dict[str, bytes] = {}
+    stream = _Sequential(fd, base, size)
+    while True:
+        block = stream.take(512)
+        if block is None:
+            return None
+        if block == _ZERO_BLOCK:
+            return members
+        if _octal(block[148:156]) != sum(block) - sum(block[148:156]) + 256:
+            return None
+        length = _octal(block[124:136])
+        if length is None:
+            return None
+        data = stream.pos
+        kind = block[156:157]
+        if kind in (b"x", b"g", b"L", b"K"):
+            payload = stream.take(length)
+            if payload is None or not stream.skip(-length % 512):
+                return None
+            if kind in (b"x", b"g"):
+                records = _pax_records(payload)
+                if records is None or any(key.startswith("GNU.sparse") for key in records):
+                    return None
+                (pending if kind == b"x" else global_pax).update(records)
+            else:
+                pending["path" if kind == b"L" else "linkpath"] = payload.split(b"\0", 1)[0]
+            continue
+        member_kind = _SCAN_KINDS.get(kind)
+        if member_kind is None:
+            return None
+        mode, uid, gid = _octal(block[100:108]), _octal(block[108:116]), _octal(block[116:124])
+        major = minor = 0
+        if member_kind in (CHAR, BLOCK):
+            major, minor = _octal(block[329:337]), _octal(block[337:345])
+        if mode is None or uid is None or gid is None or major is None or minor is None:
+            return None
+        # As tarfile reads a header: a V7 directory is a file named with a slash; a
+        # directory's slashes go; a ustar prefix is joined; pax "path" loses its slashes.
+        name = block[0:100].split(b"\0", 1)[0]
+        if kind == b"\0" and name.endswith(b"/"):
+            member_kind = DIR
+        if member_kind == DIR:
+            name = name.rstrip(b"/")
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+        linkname = block[157:257].split(b"\0", 1)[0]
+        pax = dict(global_pax, **pending) if global_pax else pending
+        pending = {}
+        try:
+            name = pax["path"].rstrip(b"/") if "path" in pax else name
+            linkname = pax.get("linkpath", linkname)
+            uid = int(pax.get("uid", uid))
+            gid = int(pax.get("gid", gid))
+            length = int(pax.get("size", length))
+        except ValueError:
+            return None
+        xattrs = {}
+        for key, value in pax.items():
+            if key.startswith("SCHILY.xattr."):
+                xattrs[key[len("SCHILY.xattr."):]] = value
+            elif key.startswith("LIBARCHIVE.xattr."):
+                xattrs[urllib.parse.unquote(key[len("LIBARCHIVE.xattr."):])] = base64.b64decode(
+                    value + b"=" * (-len(value) % 4))
+        text = name.decode("utf-8", "surrogateescape")
+        if member_kind == DIR:
+            text = text.rstrip("/")
+        if member_kind == FILE and not stream.skip(length + (-length % 512)):
+            return None
+        members.append((Member(text, member_kind, mode & 0o7777, uid, gid, (major, minor),
+                               linkname.decode("utf-8", "surrogateescape"), length if member_kind == FILE else 0,
+                               xattrs), data))
+
+
 class TarLayer(Layer):
     """A layer stored as a (possibly compressed) tar stream.
 
     ``opener()`` returns a context manager yielding the raw blob bytes.
     ``blob_digest`` (of the raw bytes) and ``diff_id`` (of the uncompressed
-    tar) are checked when given.
+    tar) are checked when given. ``location`` is ``(host file, offset, size or
+    None)`` of the raw blob when it lies in a file: an uncompressed blob there
+    is read in place (hashed once, then its members' bodies are handed out as
+    :class:`BodyRef`, never copied).
     """
 
     def __init__(self, digest: str, opener: Callable, media_type: Optional[str] = None,
-                 size: Optional[int] = None, blob_digest: Optional[str] = None, diff_id: Optional[str] = None):
+                 size: Optional[int] = None, blob_digest: Optional[str] = None, diff_id: Optional[str] = None,
+                 location: Optional[Tuple[str, int, Optional[int]]] = None):
         super().__init__(digest, media_type, size)
         self._opener = opener
         self.blob_digest = blob_digest
         self.diff_id = diff_id
+        self.location = location
 
     def _corrupt(self, why) -> TdxError:
         return TdxError(f"layer {self.digest}: corrupt or truncated ({why}); pull or save the image again")
 
     def members(self) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+        if self.location is not None:
+            try:
+                with open(self.location[0], "rb") as handle:
+                    handle.seek(self.location[1])
+                    head = handle.read(4)
+            except OSError as exc:
+                raise TdxError(f"layer {self.digest}: cannot read ({exc.strerror or exc}); "
+                               "check that the image file is readable") from None
+            if head[:2] != b"\x1f\x8b" and head != b"\x28\xb5\x2f\xfd":
+                yield from self._members_in_place()
+                return
         try:
             with self._opener() as raw:
                 hashing = _HashingReader(raw)
@@ -269,6 +502,65 @@ class TarLayer(Layer):
         except OSError as exc:
             raise TdxError(f"layer {self.digest}: cannot read ({exc.strerror or exc}); "
                            "check that the image file is readable") from None
+
+    def _members_in_place(self) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+        """An uncompressed blob in a host file: its members read in place.
+
+        One sequential read scans the headers while a thread hashes the whole
+        blob (checked against the image's digests); nothing is handed out
+        before that check. The bodies' own digests are left to the consumer
+        (``Entry.sha256`` is None): :func:`tdx_rules.ext4.build_ext4` works
+        them out while it copies the bytes.
+        """
+        path, base, size = self.location
+        try:
+            with open(path, "rb") as handle:
+                if size is None:
+                    size = os.fstat(handle.fileno()).st_size - base
+                blob = RangeHasher([(path, base, size)])
+                blob.start()
+                try:
+                    scanned = scan_tar(handle.fileno(), base, size) if size else []
+                finally:
+                    got = "sha256:" + blob.result()[0]
+                self._check_in_place(got, size, self.blob_digest, "not the one the manifest names")
+                if scanned is None:  # something only tarfile reads: it checks the whole archive first
+                    for _ in self._members_by_tarfile(handle, base, size):
+                        pass
+                self._check_in_place(got, size, self.diff_id, f"not the diff_id {self.diff_id} of the image config")
+                if scanned is None:
+                    yield from self._members_by_tarfile(handle, base, size)
+                    return
+                for member, data in scanned:
+                    yield member, (BodyRef(path, base + data, member.size) if member.type == FILE else None)
+        except _CORRUPT as exc:
+            raise self._corrupt(exc) from None
+        except OSError as exc:
+            raise TdxError(f"layer {self.digest}: cannot read ({exc.strerror or exc}); "
+                           "check that the image file is readable") from None
+
+    def _check_in_place(self, got: str, size: int, expected: Optional[str], which: str) -> None:
+        if expected is not None and got != expected:
+            raise TdxError(f"layer {self.digest}: content has digest {got}, {which}; the image is corrupt: "
+                           "pull or save it again")
+        if self.size is not None and size != self.size:
+            raise TdxError(f"layer {self.digest}: {size} bytes, the manifest says {self.size}; "
+                           "the image is corrupt: pull or save it again")
+
+    def _members_by_tarfile(self, handle, base: int, size: int):
+        tar = tarfile.open(fileobj=_Window(handle, base, size), mode="r:", errors="surrogateescape")
+        while True:
+            info = tar.next()
+            tar.members.clear()
+            if info is None:
+                if size < tar.offset + tarfile.BLOCKSIZE:
+                    raise EOFError("the tar stream ends before its end-of-archive block")
+                return
+            member = _tar_member(info)
+            reader = None
+            if member.type == FILE:
+                reader = _TarFileReader(tar.extractfile(info), self)
+            yield member, reader
 
     def _verify(self, hashing: _HashingReader, diff: _HashingReader) -> None:
         if self.blob_digest is not None:
@@ -526,6 +818,9 @@ class _DirBlobs:
         path = self.blob_path(digest)
         return lambda: open(path, "rb")
 
+    def location(self, digest: str) -> Tuple[str, int, Optional[int]]:
+        return self.blob_path(digest), 0, None
+
 
 class _TarArchive:
     """An uncompressed tarball whose members are read in place (by offset)."""
@@ -595,6 +890,13 @@ class _TarArchive:
 
     def opener(self, digest: str) -> Callable:
         return self.member_opener(self.blob_name(digest))
+
+    def member_location(self, name: str) -> Optional[Tuple[str, int, Optional[int]]]:
+        info = self._resolve(name)
+        return None if info is None else (self.path, info.offset_data, info.size)
+
+    def location(self, digest: str) -> Optional[Tuple[str, int, Optional[int]]]:
+        return self.member_location(self.blob_name(digest))
 
 
 def _normalise(name: str) -> str:
@@ -699,7 +1001,8 @@ def _manifest_layers(blobs, manifest, label: str) -> List[Layer]:
             raise TdxError(f"blob {digest} (layer {number}) is missing from the image; pull or save the image again")
         size = descriptor.get("size")
         layers.append(TarLayer(digest, blobs.opener(digest), layer_type, size if isinstance(size, int) else None,
-                               blob_digest=digest, diff_id=diff_ids[number] if diff_ids else None))
+                               blob_digest=digest, diff_id=diff_ids[number] if diff_ids else None,
+                               location=blobs.location(digest)))
     return layers
 
 
@@ -750,7 +1053,8 @@ def _docker_save_layers(archive: _TarArchive, platform: str) -> List[Layer]:
             raise TdxError(f"blob {label} (layer {number}, {name}) is missing from {archive.path}; "
                            "save the image again")
         media_type = (sources.get(diff_id) or {}).get("mediaType") if diff_id else None
-        layers.append(TarLayer(label, opener, media_type, blob_digest=blob_digest, diff_id=diff_id))
+        layers.append(TarLayer(label, opener, media_type, blob_digest=blob_digest, diff_id=diff_id,
+                               location=archive.member_location(name)))
     return layers
 
 
@@ -809,10 +1113,11 @@ class Entry:
     of :data:`TYPES`. For ``hardlink`` entries ``target`` is the path of the
     entry that carries the inode (the first of its names in sorted order) and
     the other fields repeat that inode's metadata. ``target`` of a symlink is
-    its target, verbatim. ``body`` is the host path of a regular file's bytes
-    (in the staging store), ``sha256`` their digest. ``rdev`` is
-    ``(major, minor)`` for devices. ``xattrs`` is a sorted tuple of
-    ``(name, value bytes)``.
+    its target, verbatim. ``body`` is the host path of a regular file's bytes:
+    the whole file (in the staging store; ``sha256`` is their digest), or,
+    when ``offset`` is set, ``size`` bytes at ``offset`` of an uncompressed
+    layer blob (``sha256`` None: not worked out). ``rdev`` is ``(major, minor)`` for devices. ``xattrs`` is a
+    sorted tuple of ``(name, value bytes)``.
     """
 
     path: str
@@ -826,12 +1131,14 @@ class Entry:
     body: Optional[str] = None
     size: int = 0
     sha256: Optional[str] = None
+    offset: Optional[int] = None
 
 
 class _Node:
     """An inode of the model; hard links are several directory entries sharing one."""
 
-    __slots__ = ("type", "mode", "uid", "gid", "rdev", "xattrs", "target", "body", "size", "sha256", "children")
+    __slots__ = ("type", "mode", "uid", "gid", "rdev", "xattrs", "target", "body", "size", "sha256", "offset",
+                 "children")
 
     def __init__(self, kind: str, mode: int, uid: int = 0, gid: int = 0):
         self.type = kind
@@ -844,6 +1151,7 @@ class _Node:
         self.body: Optional[str] = None
         self.size = 0
         self.sha256: Optional[str] = None
+        self.offset: Optional[int] = None
         self.children: Optional[Dict[str, "_Node"]] = {} if kind == DIR else None
 
 
@@ -918,7 +1226,8 @@ class Tree:
             if primary != path:
                 kind, target = HARDLINK, primary
             result.append(Entry(path, kind, node.mode, node.uid, node.gid, node.rdev,
-                                tuple(sorted(node.xattrs.items())), target, node.body, node.size, node.sha256))
+                                tuple(sorted(node.xattrs.items())), target, node.body, node.size, node.sha256,
+                                node.offset))
         return result
 
     def get(self, path: str) -> Optional[Entry]:
@@ -986,9 +1295,10 @@ def _parts(name: str, layer: Layer, what: str = "member") -> List[str]:
 def apply_layers(layers, staging_dir=None) -> Tree:
     """Apply ``layers`` (bottom first) and return the resulting :class:`Tree`.
 
-    Streams every layer once: bodies go to the tree's staging directory
-    (``staging_dir``, or a new temporary directory), never a whole layer in
-    memory. Refuses (TdxError) absolute or ``..`` names, whiteouts that name
+    Reads every layer once (an uncompressed one in a file: its headers, then its
+    bytes hashed in two threads): bodies stay in such a layer, else go to the
+    tree's staging directory (``staging_dir``, or a new temporary directory);
+    never a whole layer in memory. Refuses (TdxError) absolute or ``..`` names, whiteouts that name
     nothing inside the tree, hard links to missing, directory or outside
     targets; a damaged layer raises TdxError naming its digest. On failure the
     staging files are removed.
@@ -1101,7 +1411,9 @@ class _Applier:
         else:
             node = _Node(member.type, 0)
             _set_meta(node, member)
-            if member.type == FILE:
+            if member.type == FILE and isinstance(reader, BodyRef):
+                node.body, node.offset, node.size = reader.path, reader.offset, reader.size
+            elif member.type == FILE:
                 node.body, node.size, node.sha256 = self.tree._store(reader)
             elif member.type == SYMLINK:
                 if not member.linkname:

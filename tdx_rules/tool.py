@@ -44,7 +44,7 @@ STAGE_CODE = {
     "ovmf": ("stages/ovmf.py",) + _FETCHING,
     "scripts": ("stages/scripts.py", "render.py", "settings.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
     "manifest": ("stages/manifest.py",),
-    "rootfs": ("stages/rootfs.py", "oci.py", "ext4.py"),
+    "rootfs": ("stages/rootfs.py", "oci.py", "ext4.py", "ext4_writer.py"),
     "pack": ("pack.py", "pgzip.py", "newc.py"),
     "mrtd": _MEASURING,
     "rtmr1": _MEASURING,

@@ -138,9 +138,14 @@ def model(entries):
     result = []
     for e in entries:
         content = e.sha256
-        if e.body is not None:
+        if e.body is not None:  # the whole store file, or a slice of an uncompressed layer
             with open(e.body, "rb") as handle:
-                assert _sha(handle.read()) == e.sha256
+                if e.offset is None:  # a store file, named by its digest
+                    assert _sha(handle.read()) == e.sha256
+                else:  # a slice of an uncompressed layer: its digest is not worked out
+                    assert e.sha256 is None
+                    handle.seek(e.offset)
+                    content = _sha(handle.read(e.size))
         result.append((e.path, e.type, e.mode, e.uid, e.gid, e.rdev, e.xattrs, e.target, content))
     return result
 

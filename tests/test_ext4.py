@@ -203,6 +203,29 @@ def test_reproducible_across_dirs_umask_and_mtimes(built, tmp_path):
     assert digests[0] == digests[1] == sha256(built.path)
 
 
+def test_plain_and_compressed_layers_give_the_same_image(built, tmp_path):
+    """Bodies read in place from plain tar layers or unpacked from gzip/zstd ones: same bytes."""
+    image, agent = write_inputs(str(tmp_path))
+    shutil.rmtree(image)
+    fx.write_oci(image, compressions=("tar", "tar", "tar"))
+    with oci.apply_layers(oci.open_image(image)) as tree:
+        assert any(e.offset is not None for e in tree.entries())  # read in place
+        plain = ext4.build_ext4(tree, agent, out=tmp_path / "plain.ext4", epoch=EPOCH)
+    assert sha256(plain.path) == sha256(built.path)
+
+
+def test_a_changed_body_of_the_same_size_changes_the_uuid(tmp_path):
+    agent = tmp_path / "agent"
+    agent.write_bytes(AGENT)
+    uuids = []
+    for number, data in enumerate((b"same size A", b"same size B")):
+        body = tmp_path / f"body{number}"
+        body.write_bytes(data)
+        entries = [oci.Entry("/", "dir", 0o755), oci.Entry("/f", "file", 0o644, body=str(body), size=len(data))]
+        uuids.append(ext4.build_ext4(entries, agent, out=tmp_path / f"{number}.ext4").uuid)
+    assert uuids[0] != uuids[1]
+
+
 def test_epoch_changes_image(built, tmp_path):
     other = build_fixture(str(tmp_path), epoch=EPOCH + 1)
     assert sha256(other.path) != sha256(built.path) and other.uuid != built.uuid
@@ -343,9 +366,11 @@ def test_build_as_unprivileged_user_is_identical(built, tmp_path):
                 item = {k: getattr(entry, k) for k in ("path", "type", "mode", "uid", "gid", "rdev", "target", "size",
                                                        "sha256", "body")}
                 item["xattrs"] = [(name, value.hex()) for name, value in entry.xattrs]
-                if entry.body is not None:
+                if entry.body is not None:  # the bytes, wherever the tree keeps them, as a file of their own
                     item["body"] = os.path.join(shared, f"body{number}")
-                    shutil.copy(entry.body, item["body"])
+                    with open(entry.body, "rb") as handle, open(item["body"], "wb") as out:
+                        handle.seek(entry.offset or 0)
+                        out.write(handle.read(entry.size if entry.offset is not None else -1))
                     os.chmod(item["body"], 0o644)
                 entries.append(item)
         with open(os.path.join(shared, "entries.json"), "w") as out:

@@ -1,0 +1,100 @@
+"""Uncompressed layers are read in place: tdx_rules.oci.scan_tar against the
+standard library's tarfile (the reference reader), and bodies left in the blob."""
+
+import io
+import os
+import tarfile
+import tempfile
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from tdx_rules import oci
+from tests import oci_fixtures as fx
+
+NAMES = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=40)
+PATHS = st.lists(NAMES, min_size=1, max_size=9).map("/".join)  # up to ~370 characters: prefix, L and pax paths
+KINDS = st.sampled_from([tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+                         tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE])
+MEMBER = st.tuples(PATHS, KINDS, st.integers(0, 0o7777), st.integers(0, 1 << 24), st.integers(0, 5000),
+                   st.binary(max_size=3000), st.dictionaries(st.sampled_from(["user.a", "security.capability"]),
+                                                             st.binary(max_size=40), max_size=2),
+                   st.booleans())
+
+
+def reference(data):
+    """(Member, data offset) of every member as tarfile reads it."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:", errors="surrogateescape") as tar:
+        return [(oci._tar_member(info), info.offset_data) for info in tar]
+
+
+def archive(members, fmt):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, errors="surrogateescape") as tar:
+        for name, kind, mode, uid, gid, body, xattrs, slash in members:
+            info = tarfile.TarInfo(name + ("/" if slash and kind == tarfile.DIRTYPE else ""))
+            info.type, info.mode, info.uid, info.gid = kind, mode, uid, gid
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = name[::-1]
+            if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+                info.devmajor, info.devminor = gid % 4096, uid % 2000000
+            if fmt == tarfile.PAX_FORMAT:
+                info.pax_headers = {f"SCHILY.xattr.{k}": v.decode("latin-1") for k, v in xattrs.items()}
+            if kind in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(MEMBER, max_size=6), st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+def test_scan_agrees_with_tarfile_or_leaves_the_archive_to_it(tmp_path_factory, members, fmt):
+    try:
+        data = archive(members, fmt)
+    except ValueError:
+        return  # a name or number this format cannot hold: tarfile refuses to write it
+    path = tmp_path_factory.mktemp("scan") / "layer.tar"
+    path.write_bytes(b"PREFIX" + data)
+    with open(path, "rb") as handle:
+        scanned = oci.scan_tar(handle.fileno(), 6, len(data))
+    if scanned is None:  # left to tarfile: only for what the scanner does not read itself
+        assert fmt == tarfile.GNU_FORMAT and any(uid >= 0o7777777 or gid >= 0o7777777
+                                                 for _, _, _, uid, gid, *_ in members)
+        return
+    assert scanned == reference(data)
+
+
+def test_pax_global_headers_and_damaged_headers():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"uid": "4242", "SCHILY.xattr.user.g": "global"}) as tar:
+        info = tarfile.TarInfo("a")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    data = buf.getvalue()
+    with tempfile.TemporaryFile() as handle:
+        handle.write(data)
+        handle.flush()
+        scanned = oci.scan_tar(handle.fileno(), 0, len(data))
+        assert scanned == reference(data) and scanned[0][0].uid == 4242
+        assert scanned[0][0].xattrs == {"user.g": b"global"}
+        damaged = bytearray(data)
+        damaged[1024 + 10] ^= 0xFF  # the member's header, not its checksum
+        handle.seek(0)
+        handle.write(damaged)
+        handle.flush()
+        assert oci.scan_tar(handle.fileno(), 0, len(data)) is None  # tarfile then reports the damage
+        assert oci.scan_tar(handle.fileno(), 0, 1536) is None  # no end-of-archive block
+
+
+def test_uncompressed_layer_bodies_stay_in_the_blob(tmp_path):
+    """Plain tar layers are not unpacked: every body is a slice of its blob (its
+    bytes checked against the fixture by fx.model); the tree's store stays empty."""
+    fx.write_oci(tmp_path / "image", compressions=("tar", "tar", "tar"))
+    with oci.apply_layers(oci.open_image(tmp_path / "image")) as tree:
+        files = [e for e in tree.entries() if e.type == "file"]
+        assert files and all(e.offset is not None and "/blobs/sha256/" in e.body for e in files)
+        assert fx.model(tree.entries()) == fx.EXPECTED
+        stored = [name for _, _, names in os.walk(tree.store) for name in names]
+        assert stored == []
