@@ -412,12 +412,11 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
         raise _space_error(out, given, minimum, auto, "estimated from its files, directories and metadata")
     inode_count = _inode_count(used_inodes, image_size)
     nodes = _nodes(unique, inodes)
-    e2fsck = tool("e2fsck")
+    e2fsck = tool("e2fsck")  # before anything is written
     # The bodies' fingerprints (the image identity covers the content) are worked out by
     # another thread while the writer allocates blocks and copies the bytes.
     unhashed = [inode for inode in unique if inode.type == FILE and inode.body is not None]
     hasher = RangeHasher([(inode.body, inode.offset or 0, inode.size) for inode in unhashed], writer.Crc32c)
-    hasher.start()
     ids: Dict[str, str] = {}
 
     def identity() -> Tuple[bytes, bytes]:
@@ -439,6 +438,7 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
     except OSError as exc:
         raise TdxError(f"{out}: cannot create a temporary file beside it ({exc.strerror or exc}); "
                        "check the path and permissions") from None
+    hasher.start()
     try:
         try:
             with os.fdopen(fd, "r+b") as handle:
@@ -451,9 +451,10 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
         except OSError as exc:
             raise TdxError(f"{out}: cannot write the image ({exc.strerror or exc}); check free space and the "
                            "tree's files") from None
-        check = subprocess.run([e2fsck, "-fn", image], env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                                                             "LC_ALL": "C"},
-                               stdin=subprocess.DEVNULL, capture_output=True)
+        try:
+            check = _fsck(e2fsck, image)  # also flushes the image to disk (e2fsck fsyncs what it checked)
+        except OSError as exc:
+            raise TdxError(f"{out}: cannot run {e2fsck} ({exc.strerror or exc}); install e2fsprogs") from None
         if check.returncode != 0:
             lines = [line.strip() for line in (check.stdout + check.stderr).decode("utf-8", "replace").splitlines()]
             detail = " ".join([line for line in lines if line and not line.startswith("e2fsck ")][-3:])
@@ -465,6 +466,12 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image)
     return Ext4Image(out, geometry.blocks * BLOCK, ids["uuid"], geometry.inodes)
+
+
+def _fsck(e2fsck: str, path: str) -> subprocess.CompletedProcess:
+    """``e2fsck -fn PATH``: read-only, every check forced."""
+    return subprocess.run([e2fsck, "-fn", path], env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+                          stdin=subprocess.DEVNULL, capture_output=True)
 
 
 def is_valid_image(path) -> bool:
@@ -481,8 +488,6 @@ def is_valid_image(path) -> bool:
         e2fsck = tool("e2fsck")
     except TdxError:
         return False
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
     with contextlib.suppress(OSError):
-        return subprocess.run([e2fsck, "-fn", path], env=env, stdin=subprocess.DEVNULL,
-                              capture_output=True).returncode == 0
+        return _fsck(e2fsck, path).returncode == 0
     return False

@@ -28,8 +28,8 @@ bytes, so a ``docker save`` ``layer.tar`` that is in fact compressed works too).
 :func:`apply_layers` streams the layers into a :class:`Tree`. Bodies of an
 uncompressed layer that lies in a file (an OCI blob, a member of a ``docker
 save`` tarball) stay where they are: the tree records their offset in the
-blob, after the blob's digest is checked and each body is hashed (two threads,
-while the headers are read by :func:`scan_tar`). Other bodies go to a
+blob, after the blob's digest is checked (a thread hashes it while
+:func:`scan_tar` reads the headers). Other bodies go to a
 content-addressed store below a staging directory (mode 0600 files, 0700
 directories: the real mode and owner live in the model only), while
 paths, types, modes including setuid/setgid/sticky, owners, device numbers,
@@ -226,14 +226,16 @@ class BodyRef:
 
     def __init__(self, path: str, offset: int, size: int):
         self.path, self.offset, self.size = path, offset, size
+        self._handle = None
         self._stream = None
 
     def read(self, size: int = -1) -> bytes:
         if self._stream is None:
-            self._stream = FileSlice(open(self.path, "rb"), self.offset, self.size)
+            self._handle = open(self.path, "rb")
+            self._stream = FileSlice(self._handle, self.offset, self.size)
         data = self._stream.read(size)
         if not data:
-            self._stream._handle.close()
+            self._handle.close()
         return data
 
 
@@ -269,8 +271,6 @@ class _Window(io.RawIOBase):
 
 _SCAN_KINDS = {b"0": FILE, b"\0": FILE, b"7": FILE, b"1": HARDLINK, b"2": SYMLINK, b"3": CHAR, b"4": BLOCK,
                b"5": DIR, b"6": FIFO}
-
-
 _ZERO_BLOCK = bytes(512)
 
 
@@ -523,11 +523,14 @@ class TarLayer(Layer):
                     scanned = scan_tar(handle.fileno(), base, size) if size else []
                 finally:
                     got = "sha256:" + blob.result()[0]
-                self._check_in_place(got, size, self.blob_digest, "not the one the manifest names")
+                if self.size is not None and size != self.size:
+                    raise TdxError(f"layer {self.digest}: {size} bytes, the manifest says {self.size}; "
+                                   "the image is corrupt: pull or save it again")
+                self._check_in_place(got, self.blob_digest, "not the one the manifest names")
                 if scanned is None:  # something only tarfile reads: it checks the whole archive first
                     for _ in self._members_by_tarfile(handle, base, size):
                         pass
-                self._check_in_place(got, size, self.diff_id, f"not the diff_id {self.diff_id} of the image config")
+                self._check_in_place(got, self.diff_id, f"not the diff_id {self.diff_id} of the image config")
                 if scanned is None:
                     yield from self._members_by_tarfile(handle, base, size)
                     return
@@ -539,13 +542,10 @@ class TarLayer(Layer):
             raise TdxError(f"layer {self.digest}: cannot read ({exc.strerror or exc}); "
                            "check that the image file is readable") from None
 
-    def _check_in_place(self, got: str, size: int, expected: Optional[str], which: str) -> None:
+    def _check_in_place(self, got: str, expected: Optional[str], which: str) -> None:
         if expected is not None and got != expected:
             raise TdxError(f"layer {self.digest}: content has digest {got}, {which}; the image is corrupt: "
                            "pull or save it again")
-        if self.size is not None and size != self.size:
-            raise TdxError(f"layer {self.digest}: {size} bytes, the manifest says {self.size}; "
-                           "the image is corrupt: pull or save it again")
 
     def _members_by_tarfile(self, handle, base: int, size: int):
         tar = tarfile.open(fileobj=_Window(handle, base, size), mode="r:", errors="surrogateescape")
@@ -1116,8 +1116,9 @@ class Entry:
     its target, verbatim. ``body`` is the host path of a regular file's bytes:
     the whole file (in the staging store; ``sha256`` is their digest), or,
     when ``offset`` is set, ``size`` bytes at ``offset`` of an uncompressed
-    layer blob (``sha256`` None: not worked out). ``rdev`` is ``(major, minor)`` for devices. ``xattrs`` is a
-    sorted tuple of ``(name, value bytes)``.
+    layer blob (``sha256`` None: not worked out). ``rdev`` is
+    ``(major, minor)`` for devices. ``xattrs`` is a sorted tuple of
+    ``(name, value bytes)``.
     """
 
     path: str
