@@ -88,7 +88,9 @@ def write_layout(tree, layout, compress=False):
 
 
 def timed(command):
-    """(seconds, peak RSS in MiB) of one child process."""
+    """(seconds, peak RSS in MiB) of one child process, started with no dirty pages
+    left by the one before (both sides end by flushing their image to disk)."""
+    os.sync()
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(child.pid, 0)
