@@ -29,7 +29,7 @@ import time
 
 CHILD = """import sys
 from tdx_rules import ext4, oci
-with oci.apply_layers(oci.open_image(sys.argv[1])) as tree:
+with oci.apply_layers(oci.open_image(sys.argv[1]), defer_checks=True) as tree:  # as the rootfs stage does
     ext4.build_ext4(tree, sys.argv[2], out=sys.argv[3], size=sys.argv[4])
 """
 

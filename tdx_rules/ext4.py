@@ -451,6 +451,8 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
         except OSError as exc:
             raise TdxError(f"{out}: cannot write the image ({exc.strerror or exc}); check free space and the "
                            "tree's files") from None
+        if hasattr(tree, "verify"):
+            tree.verify()  # layer digest checks still running (apply_layers(defer_checks=True))
         try:
             check = _fsck(e2fsck, image)  # also flushes the image to disk (e2fsck fsyncs what it checked)
         except OSError as exc:

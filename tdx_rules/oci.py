@@ -140,9 +140,11 @@ class Layer:
         self.media_type = media_type
         self.size = size
 
-    def members(self) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+    def members(self, checks: Optional[list] = None) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
         """Yield ``(Member, reader)``; ``reader`` is set for regular files and
-        valid until the next member is requested."""
+        valid until the next member is requested. A layer may leave its digest
+        check running and append it to ``checks`` (a list of :class:`DigestCheck`)
+        instead of finishing it before the first member."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -433,6 +435,31 @@ def scan_tar(fd: int, base: int, size: int) -> Optional[List[Tuple[Member, int]]
                                xattrs), data))
 
 
+class DigestCheck:
+    """The digest check of an uncompressed layer blob, hashed in a thread from creation on."""
+
+    def __init__(self, layer: "TarLayer", path: str, base: int, size: int):
+        self._layer, self._size = layer, size
+        self._hasher = RangeHasher([(path, base, size)])
+        self._hasher.start()
+
+    def wait(self, tar_check=None, quiet: bool = False) -> None:
+        """Wait for the hash; raise TdxError naming the layer unless it matches the image
+        (or, ``quiet``, just wait)."""
+        try:
+            got = "sha256:" + self._hasher.result()[0]
+        except (OSError, EOFError) as exc:
+            if quiet:
+                return
+            raise TdxError(f"layer {self._layer.digest}: cannot read ({getattr(exc, 'strerror', None) or exc}); "
+                           "check that the image file is readable") from None
+        if not quiet:
+            try:
+                self._layer._check_in_place(got, self._size, tar_check)
+            except _CORRUPT as exc:
+                raise self._layer._corrupt(exc) from None
+
+
 class TarLayer(Layer):
     """A layer stored as a (possibly compressed) tar stream.
 
@@ -456,7 +483,7 @@ class TarLayer(Layer):
     def _corrupt(self, why) -> TdxError:
         return TdxError(f"layer {self.digest}: corrupt or truncated ({why}); pull or save the image again")
 
-    def members(self) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+    def members(self, checks: Optional[list] = None) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
         if self.location is not None:
             try:
                 with open(self.location[0], "rb") as handle:
@@ -466,7 +493,7 @@ class TarLayer(Layer):
                 raise TdxError(f"layer {self.digest}: cannot read ({exc.strerror or exc}); "
                                "check that the image file is readable") from None
             if head[:2] != b"\x1f\x8b" and head != b"\x28\xb5\x2f\xfd":
-                yield from self._members_in_place()
+                yield from self._members_in_place(checks)
                 return
         try:
             with self._opener() as raw:
@@ -503,37 +530,35 @@ class TarLayer(Layer):
             raise TdxError(f"layer {self.digest}: cannot read ({exc.strerror or exc}); "
                            "check that the image file is readable") from None
 
-    def _members_in_place(self) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+    def _members_in_place(self, checks: Optional[list]) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
         """An uncompressed blob in a host file: its members read in place.
 
         One sequential read scans the headers while a thread hashes the whole
-        blob (checked against the image's digests); nothing is handed out
-        before that check. The bodies' own digests are left to the consumer
-        (``Entry.sha256`` is None): :func:`tdx_rules.ext4.build_ext4` works
-        them out while it copies the bytes.
+        blob. Without ``checks`` the digest is checked before the first member;
+        with it, the check keeps running and is appended to ``checks`` (the
+        caller waits for it before it publishes anything). The bodies' own
+        digests are left to the consumer (``Entry.sha256`` is None):
+        :func:`tdx_rules.ext4.build_ext4` works them out while it copies them.
         """
         path, base, size = self.location
         try:
             with open(path, "rb") as handle:
                 if size is None:
                     size = os.fstat(handle.fileno()).st_size - base
-                blob = RangeHasher([(path, base, size)])
-                blob.start()
+                check = DigestCheck(self, path, base, size)
                 try:
                     scanned = scan_tar(handle.fileno(), base, size) if size else []
-                finally:
-                    got = "sha256:" + blob.result()[0]
-                if self.size is not None and size != self.size:
-                    raise TdxError(f"layer {self.digest}: {size} bytes, the manifest says {self.size}; "
-                                   "the image is corrupt: pull or save it again")
-                self._check_in_place(got, self.blob_digest, "not the one the manifest names")
+                except BaseException:
+                    check.wait(quiet=True)
+                    raise
                 if scanned is None:  # something only tarfile reads: it checks the whole archive first
-                    for _ in self._members_by_tarfile(handle, base, size):
-                        pass
-                self._check_in_place(got, self.diff_id, f"not the diff_id {self.diff_id} of the image config")
-                if scanned is None:
+                    check.wait(tar_check=lambda: self._members_by_tarfile(handle, base, size))
                     yield from self._members_by_tarfile(handle, base, size)
                     return
+                if checks is None:
+                    check.wait()
+                else:
+                    checks.append(check)
                 for member, data in scanned:
                     yield member, (BodyRef(path, base + data, member.size) if member.type == FILE else None)
         except _CORRUPT as exc:
@@ -542,10 +567,21 @@ class TarLayer(Layer):
             raise TdxError(f"layer {self.digest}: cannot read ({exc.strerror or exc}); "
                            "check that the image file is readable") from None
 
-    def _check_in_place(self, got: str, expected: Optional[str], which: str) -> None:
-        if expected is not None and got != expected:
-            raise TdxError(f"layer {self.digest}: content has digest {got}, {which}; the image is corrupt: "
-                           "pull or save it again")
+    def _check_in_place(self, got: str, size: int, tar_check=None) -> None:
+        """The blob's size and digests; ``tar_check`` (members from tarfile, read to the end)
+        runs between the blob digest and the diff_id, so a damaged tar is named as such."""
+        if self.size is not None and size != self.size:
+            raise TdxError(f"layer {self.digest}: {size} bytes, the manifest says {self.size}; "
+                           "the image is corrupt: pull or save it again")
+        if self.blob_digest is not None and got != self.blob_digest:
+            raise TdxError(f"layer {self.digest}: content has digest {got}, not the one the manifest names; "
+                           "the image is corrupt: pull or save it again")
+        if tar_check is not None:
+            for _ in tar_check():
+                pass
+        if self.diff_id is not None and got != self.diff_id:
+            raise TdxError(f"layer {self.digest}: content has digest {got}, not the diff_id {self.diff_id} of the "
+                           "image config; the image is corrupt: pull or save it again")
 
     def _members_by_tarfile(self, handle, base: int, size: int):
         tar = tarfile.open(fileobj=_Window(handle, base, size), mode="r:", errors="surrogateescape")
@@ -640,7 +676,7 @@ class DirLayer(Layer):
                 continue
         return False
 
-    def members(self) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+    def members(self, checks: Optional[list] = None) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
         try:
             root = os.open(self.path, flags)
@@ -1184,6 +1220,7 @@ class Tree:
             os.chmod(directory, 0o700)
         self.root = _Node(DIR, 0o755)
         self._tmp_count = 0
+        self.pending: List[DigestCheck] = []  # layer digest checks still running (apply_layers(defer_checks=True))
 
     def __enter__(self):
         return self
@@ -1193,7 +1230,16 @@ class Tree:
 
     def cleanup(self) -> None:
         """Remove the bodies (and the staging directory if this tree created it)."""
+        for check in self.pending:
+            check.wait(quiet=True)
+        self.pending.clear()
         shutil.rmtree(self.staging if self._own else self.store, ignore_errors=True)
+
+    def verify(self) -> None:
+        """Wait for the layer digest checks still running; TdxError naming the layer if one
+        does not match. Whatever was made from the tree must not be published before."""
+        while self.pending:
+            self.pending.pop(0).wait()
 
     # ---- lookups
 
@@ -1293,8 +1339,14 @@ def _parts(name: str, layer: Layer, what: str = "member") -> List[str]:
     return parts
 
 
-def apply_layers(layers, staging_dir=None) -> Tree:
+def apply_layers(layers, staging_dir=None, defer_checks: bool = False) -> Tree:
     """Apply ``layers`` (bottom first) and return the resulting :class:`Tree`.
+
+    With ``defer_checks``, the digest checks of plain layers read in place keep
+    running after this returns (their headers are read and checked for safety
+    all the same); :meth:`Tree.verify` waits for them, and a caller must call
+    it before it publishes anything made from the tree, as
+    :func:`tdx_rules.ext4.build_ext4` does.
 
     Reads every layer once (an uncompressed one in a file: its headers, then its
     bytes hashed in two threads): bodies stay in such a layer, else go to the
@@ -1307,7 +1359,7 @@ def apply_layers(layers, staging_dir=None) -> Tree:
     tree = Tree(staging_dir)
     try:
         for layer in layers:
-            _Applier(tree, layer).run()
+            _Applier(tree, layer, tree.pending if defer_checks else None).run()
     except BaseException:
         tree.cleanup()
         raise
@@ -1318,9 +1370,10 @@ class _Applier:
     """Applies one layer to a tree (OCI whiteout rules: a whiteout hides only
     what lower layers put there, never what this layer adds)."""
 
-    def __init__(self, tree: Tree, layer: Layer):
+    def __init__(self, tree: Tree, layer: Layer, checks: Optional[list] = None):
         self.tree = tree
         self.layer = layer
+        self.checks = checks
         self.fresh: set = set()  # paths (tuples) this layer wrote, and their ancestors
 
     def _refuse(self, what: str) -> TdxError:
@@ -1328,7 +1381,7 @@ class _Applier:
 
     def run(self) -> None:
         try:
-            with contextlib.closing(self.layer.members()) as members:
+            with contextlib.closing(self.layer.members(self.checks)) as members:
                 for member, reader in members:
                     self.member(member, reader)
         except OSError as exc:

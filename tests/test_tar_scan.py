@@ -6,9 +6,11 @@ import os
 import tarfile
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tdx_rules import oci
+from tdx_rules import ext4, oci
+from tdx_rules.errors import TdxError
 from tests import oci_fixtures as fx
 
 NAMES = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=40)
@@ -98,3 +100,37 @@ def test_uncompressed_layer_bodies_stay_in_the_blob(tmp_path):
         assert fx.model(tree.entries()) == fx.EXPECTED
         stored = [name for _, _, names in os.walk(tree.store) for name in names]
         assert stored == []
+
+
+def _tamper_a_body(image):
+    """Flip one byte inside a file body of a plain layer blob: headers stay valid, the digest does not."""
+    blobs = image / "blobs" / "sha256"
+    for blob in sorted(blobs.iterdir()):
+        data = blob.read_bytes()
+        if data[257:262] != b"ustar":
+            continue
+        with open(blob, "rb") as handle:
+            scanned = oci.scan_tar(handle.fileno(), 0, len(data))
+        body = next(((offset, member.size) for member, offset in scanned if member.type == "file" and member.size),
+                    None)
+        if body:
+            damaged = bytearray(data)
+            damaged[body[0]] ^= 0x01
+            blob.write_bytes(bytes(damaged))
+            return "sha256:" + blob.name
+    raise AssertionError("no plain layer with a file body in the fixture")
+
+
+def test_a_tampered_plain_layer_is_refused_before_anything_is_published(tmp_path):
+    fx.write_oci(tmp_path / "image", compressions=("tar", "tar", "tar"))
+    digest = _tamper_a_body(tmp_path / "image")
+    with pytest.raises(TdxError, match=f"layer {digest}: content has digest"):
+        oci.apply_layers(oci.open_image(tmp_path / "image"))  # checked before the first member
+    agent = tmp_path / "agent"
+    agent.write_bytes(b"#!/bin/sh\n")
+    out = tmp_path / "out" / "rootfs.ext4"
+    with oci.apply_layers(oci.open_image(tmp_path / "image"), defer_checks=True) as tree:
+        assert tree.pending  # the check still runs while the image is written
+        with pytest.raises(TdxError, match=f"layer {digest}: content has digest"):
+            ext4.build_ext4(tree, agent, out=out)
+    assert os.listdir(out.parent) == []  # neither the image nor its temporary file

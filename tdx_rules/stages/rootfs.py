@@ -54,7 +54,7 @@ def build_rootfs(source: str, agent: str, config: dict, out: str, cache: str, lo
             log(f"[tdx] rootfs from cache {key[:16]}")
             copy_file(cached, out)
             return
-        with oci.apply_layers(oci.open_image(source)) as tree:
+        with oci.apply_layers(oci.open_image(source), defer_checks=True) as tree:
             ext4.build_ext4(tree, agent, config["agent_path"], out=out, size=config["size"], epoch=config["epoch"])
         copy_file(out, cached)
 
