@@ -1149,10 +1149,9 @@ class Entry:
     of :data:`TYPES`. For ``hardlink`` entries ``target`` is the path of the
     entry that carries the inode (the first of its names in sorted order) and
     the other fields repeat that inode's metadata. ``target`` of a symlink is
-    its target, verbatim. ``body`` is the host path of a regular file's bytes:
-    the whole file (in the staging store; ``sha256`` is their digest), or,
-    when ``offset`` is set, ``size`` bytes at ``offset`` of an uncompressed
-    layer blob (``sha256`` None: not worked out). ``rdev`` is
+    its target, verbatim. ``body`` is the host file that holds a regular
+    file's bytes, ``size`` of them from ``offset`` (None: the whole file): an
+    uncompressed layer blob or the tree's bodies file. ``rdev`` is
     ``(major, minor)`` for devices. ``xattrs`` is a sorted tuple of
     ``(name, value bytes)``.
     """
@@ -1167,14 +1166,13 @@ class Entry:
     target: Optional[str] = None
     body: Optional[str] = None
     size: int = 0
-    sha256: Optional[str] = None
     offset: Optional[int] = None
 
 
 class _Node:
     """An inode of the model; hard links are several directory entries sharing one."""
 
-    __slots__ = ("type", "mode", "uid", "gid", "rdev", "xattrs", "target", "body", "size", "sha256", "offset",
+    __slots__ = ("type", "mode", "uid", "gid", "rdev", "xattrs", "target", "body", "size", "offset",
                  "children")
 
     def __init__(self, kind: str, mode: int, uid: int = 0, gid: int = 0):
@@ -1187,7 +1185,6 @@ class _Node:
         self.target: Optional[str] = None
         self.body: Optional[str] = None
         self.size = 0
-        self.sha256: Optional[str] = None
         self.offset: Optional[int] = None
         self.children: Optional[Dict[str, "_Node"]] = {} if kind == DIR else None
 
@@ -1199,9 +1196,11 @@ def _sort_key(name: str) -> bytes:
 class Tree:
     """The filesystem an image unpacks to: a model in memory, bodies on disk.
 
-    ``staging`` is the directory holding the content-addressed bodies
-    (``store/<2 hex>/<sha256>``); :meth:`cleanup` (or leaving the ``with``
-    block) removes what this tree wrote there.
+    ``staging`` is the directory holding ``store/bodies``, the one private
+    file (mode 0600) the bodies of compressed and directory layers are
+    appended to; entries point into it by offset, as into a plain layer blob.
+    :meth:`cleanup` (or leaving the ``with`` block) removes what this tree
+    wrote there.
     """
 
     def __init__(self, staging: Optional[str] = None):
@@ -1215,11 +1214,12 @@ class Tree:
         self.store = os.path.join(self.staging, "store")
         if self._own:
             os.chmod(self.staging, 0o700)
-        for directory in (self.store, os.path.join(self.store, "tmp")):
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)
+        os.makedirs(self.store, mode=0o700, exist_ok=True)
+        os.chmod(self.store, 0o700)
+        self.bodies = os.path.join(self.store, "bodies")
+        self._spool = None  # the bodies file, opened at the first body
+        self._spool_size = 0
         self.root = _Node(DIR, 0o755)
-        self._tmp_count = 0
         self.pending: List[DigestCheck] = []  # layer digest checks still running (apply_layers(defer_checks=True))
 
     def __enter__(self):
@@ -1233,6 +1233,9 @@ class Tree:
         for check in self.pending:
             check.wait(quiet=True)
         self.pending.clear()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         shutil.rmtree(self.staging if self._own else self.store, ignore_errors=True)
 
     def verify(self) -> None:
@@ -1273,7 +1276,7 @@ class Tree:
             if primary != path:
                 kind, target = HARDLINK, primary
             result.append(Entry(path, kind, node.mode, node.uid, node.gid, node.rdev,
-                                tuple(sorted(node.xattrs.items())), target, node.body, node.size, node.sha256,
+                                tuple(sorted(node.xattrs.items())), target, node.body, node.size,
                                 node.offset))
         return result
 
@@ -1286,46 +1289,22 @@ class Tree:
 
     # ---- storing bodies
 
-    def _new_tmp(self) -> Tuple[int, str]:
-        """A new private file in the store's tmp/ (numbered: cheaper than mkstemp's random names)."""
-        while True:
-            self._tmp_count += 1
-            tmp = os.path.join(self.store, "tmp", str(self._tmp_count))
-            try:
-                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), tmp
-            except FileExistsError:
-                continue
-
-    def _store(self, reader) -> Tuple[str, int, str]:
-        digest = hashlib.sha256()
-        fd, tmp = self._new_tmp()
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if reader is not None:
-                    while True:
-                        chunk = reader.read(CHUNK)
-                        if not chunk:
-                            break
-                        digest.update(chunk)
-                        out.write(chunk)
-                        size += len(chunk)
-            hexdigest = digest.hexdigest()
-            directory = os.path.join(self.store, hexdigest[:2])
-            if not os.path.isdir(directory):
-                os.mkdir(directory, 0o700)
-                os.chmod(directory, 0o700)
-            final = os.path.join(directory, hexdigest)
-            if os.path.exists(final):
-                os.unlink(tmp)
-            else:
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, final)
-            return final, size, hexdigest
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+    def _store(self, reader) -> Tuple[int, int]:
+        """Append a body to the bodies file; its (offset, size) there."""
+        if self._spool is None:
+            fd = os.open(self.bodies, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            self._spool = os.fdopen(fd, "wb", buffering=0)
+        offset = self._spool_size
+        if reader is not None:
+            while True:
+                chunk = reader.read(CHUNK)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[self._spool.write(view):]
+                self._spool_size += len(chunk)
+        return offset, self._spool_size - offset
 
 
 def _parts(name: str, layer: Layer, what: str = "member") -> List[str]:
@@ -1468,7 +1447,8 @@ class _Applier:
             if member.type == FILE and isinstance(reader, BodyRef):
                 node.body, node.offset, node.size = reader.path, reader.offset, reader.size
             elif member.type == FILE:
-                node.body, node.size, node.sha256 = self.tree._store(reader)
+                node.offset, node.size = self.tree._store(reader)
+                node.body = self.tree.bodies
             elif member.type == SYMLINK:
                 if not member.linkname:
                     raise self._refuse(f"symlink {member.name!r} has an empty target")

@@ -137,15 +137,11 @@ def model(entries):
     """Entries of a Tree in the tuple form of :data:`EXPECTED`."""
     result = []
     for e in entries:
-        content = e.sha256
-        if e.body is not None:  # the whole store file, or a slice of an uncompressed layer
+        content = None
+        if e.body is not None:  # a slice of an uncompressed layer or of the tree's bodies file
             with open(e.body, "rb") as handle:
-                if e.offset is None:  # a store file, named by its digest
-                    assert _sha(handle.read()) == e.sha256
-                else:  # a slice of an uncompressed layer: its digest is not worked out
-                    assert e.sha256 is None
-                    handle.seek(e.offset)
-                    content = _sha(handle.read(e.size))
+                handle.seek(e.offset or 0)
+                content = _sha(handle.read(e.size if e.offset is not None else -1))
         result.append((e.path, e.type, e.mode, e.uid, e.gid, e.rdev, e.xattrs, e.target, content))
     return result
 

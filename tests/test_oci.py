@@ -132,7 +132,7 @@ def test_empty_layer_and_large_file_streamed(tmp_path):
         with oci.apply_layers(layers, tmp_path / "staging") as tree:
             _, peak = tracemalloc.get_traced_memory()
             (entry,) = [e for e in tree.entries() if e.path == "/big"]
-            assert entry.size == len(big) and os.path.getsize(entry.body) == len(big)
+            assert entry.size == len(big) and os.path.getsize(entry.body) >= entry.offset + len(big)
     finally:
         tracemalloc.stop()
     assert peak < 8 << 20, peak
