@@ -1,18 +1,23 @@
 """tdx_rules.ext4_writer at the edges the container fixtures do not reach, checked
 with e2fsck and debugfs: several block groups, extent leaf blocks, inode tables
-spanning groups, xattr blocks, POSIX ACLs, large device numbers, long symlinks;
-and its CRC-32C against the published check value."""
+spanning groups, xattr blocks, POSIX ACLs, large device numbers, long symlinks,
+random trees; and its CRC-32C against the published check value."""
 
+import dataclasses
 import hashlib
 import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tdx_rules import ext4, ext4_writer, oci
+from tests.conftest import fuzz_examples
+from tests.test_ext4 import listing
 
 DEBUGFS = shutil.which("debugfs") or "/usr/sbin/debugfs"
 E2FSCK = shutil.which("e2fsck") or "/usr/sbin/e2fsck"
@@ -113,3 +118,75 @@ def test_xattr_block_acl_device_and_long_symlink_read_back(big):
     assert "Type: symlink" in debugfs(result.path, "stat /long")
     debugfs(result.path, f"dump /long {out}")  # a slow symlink: its target lives in a data block
     assert out.read_bytes() == b"/" + b"t" * 100
+
+
+# --------------------------------------------------------------------------- random trees
+
+NAME = st.text(st.sampled_from("abcxyz019 _-.é€"), min_size=1, max_size=40).filter(lambda n: n not in (".", ".."))
+
+
+@st.composite
+def trees(draw):
+    """A random tree as oci entries (bodies written under a temporary directory later)."""
+    entries, dirs, files = [oci.Entry("/", "dir", 0o755)], ["/"], []
+    for _ in range(draw(st.integers(1, 40))):
+        parent = draw(st.sampled_from(dirs))
+        path = parent.rstrip("/") + "/" + draw(NAME)
+        if any(e.path == path for e in entries):
+            continue
+        kind = draw(st.sampled_from(["dir", "file", "file", "symlink", "fifo", "char", "block", "hardlink"]))
+        mode = draw(st.integers(0, 0o7777))
+        owner = dict(uid=draw(st.integers(0, (1 << 32) - 1)), gid=draw(st.integers(0, 70000)))
+        xattrs = tuple(sorted(draw(st.dictionaries(st.sampled_from(["user.a", "user.bb", "security.x", "trusted.t"]),
+                                                   st.binary(max_size=draw(st.sampled_from([8, 60, 900]))),
+                                                   max_size=3)).items()))
+        if kind == "hardlink":
+            if not files:
+                continue
+            entries.append(oci.Entry(path, "hardlink", 0, target=draw(st.sampled_from(files))))
+            continue
+        if kind == "dir":
+            dirs.append(path)
+            entries.append(oci.Entry(path, "dir", mode, xattrs=xattrs, **owner))
+        elif kind == "file":
+            files.append(path)
+            entries.append(oci.Entry(path, "file", mode, xattrs=xattrs, size=draw(st.sampled_from([0, 1, 4095, 4096,
+                                                                                                 9000])), **owner))
+        elif kind == "symlink":
+            target = "t" * draw(st.sampled_from([1, 59, 60, 300]))
+            entries.append(oci.Entry(path, "symlink", 0o777, target=target, xattrs=xattrs, **owner))
+        else:
+            rdev = (draw(st.integers(0, 4095)), draw(st.integers(0, (1 << 20) - 1))) if kind != "fifo" else None
+            entries.append(oci.Entry(path, kind, mode, rdev=rdev, xattrs=xattrs, **owner))
+    return entries
+
+
+@settings(max_examples=fuzz_examples(25), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(trees())
+def test_random_trees_pass_fsck_and_list_back_as_built(tmp_path_factory, entries):
+    tmp = tmp_path_factory.mktemp("random")
+    written = []
+    for number, entry in enumerate(entries):
+        if entry.type == "file":
+            body = tmp / f"body{number}"
+            body.write_bytes(bytes([number % 251]) * entry.size)
+            entry = dataclasses.replace(entry, body=str(body))
+        written.append(entry)
+    agent = tmp / "agent"
+    agent.write_bytes(b"#!/bin/sh\n")
+    result = ext4.build_ext4(written, agent, out=tmp / "r.ext4", epoch=3)  # e2fsck -fn runs inside
+    fsck(result.path)
+    found = listing(result.path)
+    by_path = {e.path: e for e in written}
+    for entry in written:
+        ino, mode, uid, gid = found[entry.path]
+        if entry.type == "hardlink":
+            assert ino == found[entry.target][0], entry.path
+            continue
+        kind = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "symlink": stat.S_IFLNK, "fifo": stat.S_IFIFO,
+                "char": stat.S_IFCHR, "block": stat.S_IFBLK}[entry.type]
+        # debugfs prints owners as signed 32-bit numbers
+        assert (mode, uid & 0xFFFFFFFF, gid) == (kind | entry.mode, entry.uid, entry.gid), entry.path
+    assert set(found) - set(by_path) == {"/lost+found", "/sbin", "/sbin/vm-agent"} - set(by_path)
+    os.unlink(result.path)

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tdx_rules import ext4, oci
 from tdx_rules.errors import TdxError
+from tests.conftest import fuzz_examples
 from tests import oci_fixtures as fx
 
 NAMES = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=40)
@@ -49,7 +50,7 @@ def archive(members, fmt):
     return buf.getvalue()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(MEMBER, max_size=6), st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
 def test_scan_agrees_with_tarfile_or_leaves_the_archive_to_it(tmp_path_factory, members, fmt):
     try:
