@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from child import timed as child_timed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = "import sys; from tdx_rules.pack import main_pack; sys.exit(main_pack(sys.argv[1:]))"
 GNU_CPIO = "find . | LC_ALL=C sort | cpio -o -H newc --reproducible -R 0:0 --quiet"
@@ -91,16 +93,7 @@ def make_tree(root, size_mb, files, seed=20240601):
 # --- timing ------------------------------------------------------------------
 
 def timed(command, cwd=None):
-    """(wall seconds, peak RSS in MiB of that child) of one command."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}")
-    return elapsed, usage.ru_maxrss / 1024
+    return child_timed(command, cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT))
 
 
 def ours(tree, out, compression, threads):

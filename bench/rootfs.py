@@ -25,7 +25,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
+
+from child import timed
 
 CHILD = """import sys
 from tdx_rules import ext4, oci
@@ -87,20 +88,6 @@ def write_layout(tree, layout, compress=False):
         json.dump({"imageLayoutVersion": "1.0.0"}, out)
 
 
-def timed(command):
-    """(seconds, peak RSS in MiB) of one child process, started with no dirty pages
-    left by the one before (both sides end by flushing their image to disk)."""
-    os.sync()
-    start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise SystemExit(f"{command[0]} failed with status {child.returncode}")
-    return seconds, usage.ru_maxrss / 1024
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=200)
@@ -122,12 +109,12 @@ def main():
         for run in range(args.runs):
             image = os.path.join(tmp, f"floor{run}.ext4")
             seconds, floor_peak = timed(["mkfs.ext4", "-q", "-F", "-T", "default", "-b", "4096", "-I", "256", "-d",
-                                         tree, image, size])
+                                         tree, image, size], sync=True)
             floor.append(seconds)
             os.remove(image)
             for name, layout in layouts.items():
                 image = os.path.join(tmp, f"ours{run}.ext4")
-                seconds, rss = timed([sys.executable, "-c", CHILD, layout, agent, image, size])
+                seconds, rss = timed([sys.executable, "-c", CHILD, layout, agent, image, size], sync=True)
                 times.setdefault(name, []).append(seconds)
                 ratios.setdefault(name, []).append(seconds / floor[-1])
                 peaks[name] = max(peaks.get(name, 0.0), rss)
