@@ -16,9 +16,10 @@ metadata is written with its checksums. The layout:
 * inode 2 is the root, 8 the journal (all zeros but its superblock, like a
   freshly made one), 11 ``/lost+found`` (four empty blocks), then every other
   inode in the given order from 12;
-* blocks are handed out in that inode order from the end of the metadata on:
-  directory blocks, a long symlink's block, the xattr block, file data (up to
-  4 extents in the inode, else one level of extent leaf blocks after the data);
+* blocks are handed out from the end of the metadata on: the journal, then,
+  inode by inode in that order, its data (directory blocks, a long symlink's
+  target, file bytes), its extent leaf blocks (past 4 extents, which the inode
+  holds itself; one index level), its xattr block;
 * directories are linear (no htree), entries in name byte order; xattrs live
   in the inode when they fit in its 92 spare bytes, else in one xattr block;
 * file bodies are copied with ``copy_file_range`` from ``(host file, offset)``
