@@ -7,7 +7,7 @@ tree, no ``mkfs``, no mount, no loop device, no root. Owners, modes
 (setuid, setgid, sticky), device nodes, fifos, hard links, symlinks and xattrs
 come from the model alone, so the host never creates a device node or chowns
 a file. File bodies are copied with ``copy_file_range`` from where the tree
-keeps them: the layer tar itself (uncompressed layers) or the tree's store.
+keeps them: the layer tar itself (uncompressed layers) or the tree's bodies file.
 
 ``e2fsck -fn`` checks the result before it is renamed over ``out``; nothing
 is left behind on failure.
