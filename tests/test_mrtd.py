@@ -396,6 +396,8 @@ def field(section, name):
     ([(field(0, "attr"), "<I", 3)], ["MR_EXTEND and PAGE_AUG"]),
     ([(field(4, "raw"), "<I", 0x1000)], ["TD_HOB", "must not carry file bytes"]),
     ([(field(1, "raw"), "<I", 0)], ["CFV", "RawDataSize is 0"]),
+    # 2**28 pages to add (a hang in the MRTD loop before this was refused); real firmware adds 2 MiB.
+    ([(field(5, "gpa"), "<Q", 1 << 32), (field(5, "size"), "<Q", 1 << 40)], ["page by page", "0x10000214000"]),
 ])
 def test_corrupt_section_tables_are_refused(tmp_path, ovmf_bytes, meta, changes, words):
     path = tmp_path / "corrupt.fd"

@@ -55,6 +55,9 @@ SIGNATURE = b"TDVF"
 VERSION = 1
 MAX_SECTIONS = 1024  # real firmware has fewer than ten; this only bounds what a corrupt file can make us read
 GPA_LIMIT = 1 << 52  # MAXPHYADDR is at most 52 bits
+# Guest memory added page by page (TDH.MEM.PAGE.ADD) before the TD runs: real TDVF firmware adds a few
+# MiB; a corrupt size could otherwise make MRTD hash 2**40 page records. 4 GiB takes about a second.
+ADDED_BYTES_LIMIT = 1 << 32
 
 ATTR_MR_EXTEND = 0x1
 ATTR_PAGE_AUG = 0x2
@@ -231,6 +234,11 @@ def parse_open(handle, path) -> TdvfMetadata:
     for section in sections:
         _check_section(path, size, section)
     _check_overlaps(path, sections)
+    added = sum(s.memory_data_size for s in sections if not s.page_aug)
+    if added > ADDED_BYTES_LIMIT:
+        raise TdxError(f"firmware {path}: the TDVF sections add 0x{added:x} bytes of guest memory page by page "
+                       f"before the TD runs, more than 0x{ADDED_BYTES_LIMIT:x} (real firmware adds a few MiB): the "
+                       "firmware is corrupt; use an intact OVMF.fd")
     return TdvfMetadata(path=path, file_size=size, descriptor_offset=descriptor_offset, locator=locator,
                         version=version, sections=sections)
 
