@@ -184,7 +184,7 @@ def _diff(args) -> int:
 
 
 def _fetch(args) -> int:
-    from . import sources
+    from .upstream import sources
 
     cache_dir = args.cache or args.cache_default
     ctx = sources.Context(cache=cache_dir, mirror=args.mirror or None,
@@ -200,7 +200,7 @@ def _fetch(args) -> int:
 
 
 def _cache(args) -> int:
-    from . import cache
+    from .upstream import cache
 
     cache_dir = args.cache or args.cache_default
     if args.older_than < 0:

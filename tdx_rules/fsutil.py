@@ -20,7 +20,7 @@ def atomic_output(path, mode="wb"):
     An exception (or a killed process) never leaves a partial ``path`` behind.  Build
     outputs are not fsynced: SCons does not sync its own record of them (.sconsign) either,
     and a sync per output cost 15 % of a 200 MB pack.  Downloads, shared between projects,
-    are synced (fetch.py).
+    are synced (upstream/fetch.py).
     """
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."

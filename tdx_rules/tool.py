@@ -21,15 +21,16 @@ import SCons.Errors
 import SCons.Script
 
 from . import settings as settings_table
-from . import sources, statcache
+from . import statcache
 from .errors import ERROR_PREFIX, TdxError
+from .upstream import sources
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # The code each stage runs, besides _COMMON: a changed file reruns the stage.
 # tests/test_tool.py checks this against the modules' real imports.
 _COMMON = ("errors.py", "fsutil.py", "stages/_entry.py")
-_FETCHING = ("stages/common.py", "sources.py", "fetch.py", "debpkg.py")
+_FETCHING = ("stages/common.py", "upstream/sources.py", "upstream/fetch.py", "upstream/debpkg.py")
 _MEASURING = ("stages/measure.py", "measure/__init__.py", "measure/profiles.py", "measure/rtmr.py",
               "measure/mrtd.py", "measure/tdvf.py", "measure/pe.py", "measure/kernel_patch.py")
 STAGE_CODE = {

@@ -6,8 +6,8 @@ out as the input of one reader:
 * ``minirootfs``: a compressed tarball for
   :func:`tdx_rules.stages.busybox.extract_base`;
 * ``deb``: a ``.deb`` (ar of ``debian-binary``, ``control.tar.gz`` and
-  ``data.tar[.gz|.xz|.zst]``) for :func:`tdx_rules.debpkg.extract` and
-  :meth:`tdx_rules.debpkg.DebPackage.iter_data`;
+  ``data.tar[.gz|.xz|.zst]``) for :func:`tdx_rules.upstream.debpkg.extract` and
+  :meth:`tdx_rules.upstream.debpkg.DebPackage.iter_data`;
 * ``oci``: an OCI image layout directory with one layer, for
   :func:`tdx_rules.oci.open_image` + :func:`tdx_rules.oci.apply_layers`.
 

@@ -1,4 +1,4 @@
-"""tdx_rules.debpkg against the real dpkg-deb: packages built by `dpkg-deb --build`
+"""tdx_rules.upstream.debpkg against the real dpkg-deb: packages built by `dpkg-deb --build`
 (and by hand with `ar`), the real Debian busybox-static, and hostile archives."""
 
 import functools
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests import debian
-from tdx_rules.debpkg import DebPackage, extract
+from tdx_rules.upstream.debpkg import DebPackage, extract
 from tdx_rules.errors import TdxError
 from tests.conftest import fuzz_examples
 

@@ -1,4 +1,4 @@
-"""tdx_rules.fetch against a real HTTP server on 127.0.0.1, the host's apt, and real Debian metadata."""
+"""tdx_rules.upstream.fetch against a real HTTP server on 127.0.0.1, the host's apt, and real Debian metadata."""
 
 import functools
 import glob
@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from tdx_rules import fetch as F
+from tdx_rules.upstream import fetch as F
 from tdx_rules.errors import TdxError
 from tdx_rules.fsutil import sha256_file
 from tests import debian
@@ -205,7 +205,7 @@ def test_concurrent_threads_download_once(http_server, tmp_path):
 _CHILD = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from tdx_rules.fetch import fetch
+from tdx_rules.upstream.fetch import fetch
 print("ready", flush=True)
 print(fetch(sys.argv[2], sys.argv[3], cache=sys.argv[4], log=lambda line: None), flush=True)
 """

@@ -1,8 +1,8 @@
 """Every reader of tars, .debs and OCI layers against the hostile corpus of tests/hostile_corpus.py.
 
 Readers: ``minirootfs`` (:func:`tdx_rules.stages.busybox.extract_base`),
-``deb`` (:func:`tdx_rules.debpkg.extract`, everything selected), ``deb_iter``
-(:meth:`tdx_rules.debpkg.DebPackage.iter_data`, drained: what the kernel, OVMF
+``deb`` (:func:`tdx_rules.upstream.debpkg.extract`, everything selected), ``deb_iter``
+(:meth:`tdx_rules.upstream.debpkg.DebPackage.iter_data`, drained: what the kernel, OVMF
 and minirootfs stages call) and ``oci`` (:func:`tdx_rules.oci.open_image` +
 :func:`tdx_rules.oci.apply_layers`). For each case the reader must raise a
 one-line TdxError naming its input, or give the documented safe result below;
@@ -23,9 +23,10 @@ import time
 
 import pytest
 
-from tdx_rules import debpkg, oci
+from tdx_rules import oci
 from tdx_rules.errors import TdxError
 from tdx_rules.stages.busybox import extract_base
+from tdx_rules.upstream import debpkg
 from tests import hostile_corpus as corpus
 
 MODES = {"minirootfs": "minirootfs", "deb": "deb", "deb_iter": "deb", "oci": "oci"}
@@ -246,7 +247,7 @@ def test_kernel_package_whose_vmlinuz_is_a_symlink_is_refused(tmp_path):
     import subprocess
 
     from tdx_rules.errors import TdxError
-    from tdx_rules.sources import Resolved
+    from tdx_rules.upstream.sources import Resolved
     from tdx_rules.stages import kernel
 
     pkg = tmp_path / "pkg"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tdx_rules import sources
+from tdx_rules.upstream import sources
 from tdx_rules.errors import TdxError
 
 

@@ -3,7 +3,7 @@
 import argparse
 import os
 
-from ..sources import Context, Resolved
+from ..upstream.sources import Context, Resolved
 
 
 def fetching_stage_arguments(prog: str, argv):

@@ -19,10 +19,10 @@ import struct
 
 import filelock
 
-from ..debpkg import DebPackage, extract
+from ..upstream.debpkg import DebPackage, extract
 from ..errors import TdxError
 from ..fsutil import cache_relative, copy_file, write_json
-from ..sources import materialize, parse
+from ..upstream.sources import materialize, parse
 from ._entry import load_config, run
 from .common import context, fetching_stage_arguments, input_record
 

@@ -5,10 +5,10 @@ Python and its OVMF.fd streamed out; any other spec is the firmware file.
 """
 
 
-from ..debpkg import DebPackage
+from ..upstream.debpkg import DebPackage
 from ..errors import TdxError
 from ..fsutil import CHUNK, atomic_output, copy_file, write_json
-from ..sources import materialize, parse
+from ..upstream.sources import materialize, parse
 from ._entry import load_config, run
 from .common import context, fetching_stage_arguments, input_record
 

@@ -17,7 +17,7 @@ import re
 import subprocess
 from typing import List, Optional
 
-from .errors import BadChecksumFile, ChecksumMismatch, NotFound, TdxError
+from ..errors import BadChecksumFile, ChecksumMismatch, NotFound, TdxError
 
 ALPINE_URL = "https://dl-cdn.alpinelinux.org/alpine/v{major}/releases/x86_64/alpine-minirootfs-{version}-x86_64.tar.gz"
 UBUNTU_ARCHIVE = "https://archive.ubuntu.com/ubuntu"
@@ -198,7 +198,7 @@ def _alpine(spec: Spec, ctx: Context) -> "Resolved":
 def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved]:
     """Fetch and verify the files of ``spec``; return them in a fixed order."""
     from . import fetch
-    from .fsutil import sha256_file
+    from ..fsutil import sha256_file
 
     if spec.kind == "file":
         if not os.path.isfile(spec.path):

@@ -36,8 +36,8 @@ import requests
 import urllib3
 import zstandard
 
-from .errors import BadChecksumFile, ChecksumMismatch, NotFound, TdxError
-from .fsutil import CHUNK, atomic_output
+from ..errors import BadChecksumFile, ChecksumMismatch, NotFound, TdxError
+from ..fsutil import CHUNK, atomic_output
 
 MAX_REDIRECTS = 10
 RETRY_AFTER_CAP = 30.0

@@ -29,8 +29,8 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 import zstandard
 
-from .errors import TdxError
-from .fsutil import CHUNK, FileSlice, expansion_exceeded
+from ..errors import TdxError
+from ..fsutil import CHUNK, FileSlice, expansion_exceeded
 
 AR_MAGIC = b"!<arch>\n"
 AR_HEADER_LEN = 60
