@@ -29,7 +29,7 @@ import time
 from child import timed as child_timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHILD = "import sys; from tdx_rules.pack import main_pack; sys.exit(main_pack(sys.argv[1:]))"
+CHILD = "import sys; from tdx_rules.initramfs.pack import main_pack; sys.exit(main_pack(sys.argv[1:]))"
 GNU_CPIO = "find . | LC_ALL=C sort | cpio -o -H newc --reproducible -R 0:0 --quiet"
 REFERENCE = {  # compression -> (label, filter after GNU cpio)
     "gzip": ("gzip -9n", "gzip -9n"),

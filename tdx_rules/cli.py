@@ -89,7 +89,8 @@ def _command(commands, name, help_text, epilog):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import pack, settings
+    from . import settings
+    from .initramfs import pack
 
     parser = argparse.ArgumentParser(prog="tdx-rules", description="Tools of tdx-rules (TDX guest images for SCons).",
                                      epilog="exit status: 0 ok, 1 bad input (one error line), 2 bad usage; "
@@ -147,14 +148,14 @@ def _print_measure(args) -> int:
 
 
 def _pack(args) -> int:
-    from . import pack
+    from .initramfs import pack
 
     pack.run(args)
     return 0
 
 
 def _inspect(args) -> int:
-    from . import archive
+    from .initramfs import archive
 
     found = archive.members(args.image, with_hash=args.hash)
     if args.json:

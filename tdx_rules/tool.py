@@ -36,17 +36,17 @@ _MEASURING = ("stages/measure.py", "measure/__init__.py", "measure/profiles.py",
 STAGE_CODE = {
     "program": ("stages/program.py", "elf.py"),
     "minirootfs": ("stages/minirootfs.py",) + _FETCHING,
-    "busybox": ("stages/busybox.py", "newc.py"),
+    "busybox": ("stages/busybox.py", "initramfs/newc.py"),
     "kernel": ("stages/kernel.py",) + _FETCHING,
-    "modules": ("stages/modules.py", "newc.py"),
-    "init": ("stages/init.py", "newc.py", "render.py", "templates/init.sh.j2", "templates/udhcpc.sh"),
-    "cpio": ("stages/cpio.py", "newc.py", "elf.py"),
-    "compress": ("stages/compress.py", "pgzip.py"),
+    "modules": ("stages/modules.py", "initramfs/newc.py"),
+    "init": ("stages/init.py", "initramfs/newc.py", "render.py", "templates/init.sh.j2", "templates/udhcpc.sh"),
+    "cpio": ("stages/cpio.py", "initramfs/newc.py", "elf.py"),
+    "compress": ("stages/compress.py", "initramfs/pgzip.py"),
     "ovmf": ("stages/ovmf.py",) + _FETCHING,
     "scripts": ("stages/scripts.py", "render.py", "settings.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
     "manifest": ("stages/manifest.py",),
     "rootfs": ("stages/rootfs.py", "oci.py", "ext4.py", "ext4_writer.py"),
-    "pack": ("pack.py", "pgzip.py", "newc.py"),
+    "pack": ("initramfs/pack.py", "initramfs/pgzip.py", "initramfs/newc.py"),
     "mrtd": _MEASURING,
     "rtmr1": _MEASURING,
     "rtmr2": _MEASURING,
@@ -265,7 +265,7 @@ def tdx_pack(env, target, source, compress="gzip", level=None):
     Every file, symlink and directory of the tree is a dependency (never a FIFO
     or device: those are refused by pack itself).
     """
-    from .pack import COMPRESSIONS
+    from .initramfs.pack import COMPRESSIONS
 
     where = f"TdxPack('{target}')"
     if compress not in COMPRESSIONS:
@@ -276,7 +276,7 @@ def tdx_pack(env, target, source, compress="gzip", level=None):
     level_arg = f" --level {int(level)}" if level is not None else ""
     return _stage(env, "pack", os.path.basename(str(target)), [env.File(target)],
                   [directory] + _tree_inputs(env, directory.abspath),
-                  f"$( $TDX_PYTHON $) -m tdx_rules.pack ${{SOURCES[0]}} -o $TARGET --compress {compress}{level_arg} "
+                  f"$( $TDX_PYTHON $) -m tdx_rules.initramfs.pack ${{SOURCES[0]}} -o $TARGET --compress {compress}{level_arg} "
                   f"--epoch {_source_date_epoch()}")
 
 

@@ -6,8 +6,8 @@ import tarfile
 
 import pytest
 
-from tdx_rules import newc
 from tdx_rules.errors import TdxError
+from tdx_rules.initramfs import newc
 from tdx_rules.stages import busybox, minirootfs
 from tests import debian
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tdx_rules import newc
 from tdx_rules.errors import TdxError
+from tdx_rules.initramfs import newc
 from tdx_rules.stages import init as init_stage
 from tests.conftest import fuzz_examples
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tdx_rules import newc
+from tdx_rules.initramfs import newc
 from tests.conftest import scons
 
 NASTY = ["it's", 'say "hi"', "$(touch /pwned)", "`touch /pwned2`", "*", "?", "[a]", "a b", "line1\nline2",

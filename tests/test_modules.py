@@ -20,12 +20,13 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tdx_rules import newc
 from tdx_rules.errors import TdxError
+from tdx_rules.initramfs import newc
 from tdx_rules.stages import modules as mod
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import debian  # noqa: E402
+
 from tests.conftest import fuzz_examples
 
 ROOT = debian.ROOT

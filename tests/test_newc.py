@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from tdx_rules import newc
 from tdx_rules.errors import TdxError
+from tdx_rules.initramfs import newc
 
 
 def write(path, entries, mtime=0):

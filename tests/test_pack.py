@@ -17,8 +17,8 @@ import zlib
 
 import pytest
 
-from tdx_rules import pack, pgzip
 from tdx_rules.errors import ERROR_PREFIX, TdxError
+from tdx_rules.initramfs import pack, pgzip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DECOMPRESS = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dc"], "xz": ["xz", "-dc"], "lz4": ["lz4", "-dc"]}
@@ -354,7 +354,7 @@ def test_main_pack_unreadable_file_is_named(tmp_path):
     with open(secret, "w") as handle:
         handle.write("root:*:\n")
     os.chmod(secret, 0)
-    child = "import sys; from tdx_rules.pack import main_pack; sys.exit(main_pack(sys.argv[1:]))"
+    child = "import sys; from tdx_rules.initramfs.pack import main_pack; sys.exit(main_pack(sys.argv[1:]))"
     command = [sys.executable, "-c", child, tree, "-o", str(tmp_path / "o.gz")]
     if os.geteuid() == 0:
         # root reads anything: drop the capabilities that bypass file permissions.

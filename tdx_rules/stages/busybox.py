@@ -14,9 +14,9 @@ import stat
 import tarfile
 import tempfile
 
-from .. import newc
 from ..errors import TdxError
 from ..fsutil import CHUNK
+from ..initramfs import newc
 from ._entry import run
 
 # Bounds on the work a hostile archive can cause: a member we keep may hold at most

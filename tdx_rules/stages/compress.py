@@ -5,7 +5,7 @@ import argparse
 import os
 
 from ..fsutil import atomic_output
-from ..pgzip import compress_gzip
+from ..initramfs.pgzip import compress_gzip
 from ._entry import run
 
 

@@ -11,10 +11,10 @@ given, then the workload, then extra files.
 import argparse
 import os
 
-from .. import newc
 from ..elf import check_static_x86_64
 from ..errors import TdxError
 from ..fsutil import atomic_output
+from ..initramfs import newc
 from ._entry import load_config, run
 
 

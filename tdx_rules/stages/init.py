@@ -7,7 +7,7 @@ workload), ``args`` (list of strings, or null to pass the kernel command
 line's arguments through as ``"$@"``), ``env_vars`` ({name: value}),
 ``ssh_keys`` (list of public key lines).
 
-The output is a newc fragment (see :mod:`tdx_rules.newc`) holding ``init``,
+The output is a newc fragment (see :mod:`tdx_rules.initramfs.newc`) holding ``init``,
 ``usr/share/udhcpc/default.script``, the mount points the init needs,
 ``dev/console`` and, when keys are given, ``root/.ssh/authorized_keys``.
 """
@@ -19,8 +19,8 @@ import re
 import stat
 import struct
 
-from .. import newc
 from ..errors import TdxError
+from ..initramfs import newc
 from ..render import check_text, render, static
 from ._entry import load_config, run
 

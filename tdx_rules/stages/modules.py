@@ -37,9 +37,9 @@ import zlib
 
 import zstandard
 
-from .. import newc
 from ..errors import TdxError
 from ..fsutil import CACHE_PREFIX, CHUNK, read_json_object, resolve_recorded, sha256_file, write_json
+from ..initramfs import newc
 from ._entry import run
 
 # The modules a TDX guest needs for attestation (configfs-tsm, tdx_guest) and

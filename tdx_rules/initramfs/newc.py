@@ -14,8 +14,8 @@ import os
 import stat
 from typing import BinaryIO, Iterable, Iterator, List, Optional
 
-from .errors import TdxError
-from .fsutil import CHUNK, atomic_output
+from ..errors import TdxError
+from ..fsutil import CHUNK, atomic_output
 
 MAGIC = b"070701"
 HEADER_LEN = 110

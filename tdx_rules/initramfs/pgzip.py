@@ -40,7 +40,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Callable, Deque, Optional
 
-from .errors import TdxError
+from ..errors import TdxError
 
 WINDOW = 32 * 1024
 DEFAULT_BLOCK_SIZE = 128 * 1024

@@ -15,8 +15,8 @@ import struct
 import zlib
 from typing import Iterator, Optional
 
-from .errors import TdxError
-from .fsutil import expansion_exceeded
+from ..errors import TdxError
+from ..fsutil import expansion_exceeded
 from .newc import HEADER_LEN, TRAILER, header_fields
 from .pack import LZ4_LEGACY_MAGIC
 

@@ -57,9 +57,9 @@ import struct
 import sys
 from typing import BinaryIO, List, Optional
 
+from ..errors import ERROR_PREFIX, TdxError
+from ..fsutil import atomic_output
 from . import newc, pgzip
-from .errors import ERROR_PREFIX, TdxError
-from .fsutil import atomic_output
 
 COMPRESSIONS = ("gzip", "zstd", "xz", "lz4", "none")
 KERNEL_OPTION = {"gzip": "CONFIG_RD_GZIP", "zstd": "CONFIG_RD_ZSTD", "xz": "CONFIG_RD_XZ", "lz4": "CONFIG_RD_LZ4"}

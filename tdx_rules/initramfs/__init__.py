@@ -1,0 +1,1 @@
+"""The initramfs: the newc writer, deterministic packing, parallel gzip, and the reader."""
