@@ -15,7 +15,6 @@ not what the floor measures).
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import random
@@ -29,8 +28,10 @@ import tempfile
 from child import timed
 
 CHILD = """import sys
-from tdx_rules import ext4, oci
-with oci.apply_layers(oci.open_image(sys.argv[1]), defer_checks=True) as tree:  # as the rootfs stage does
+from tdx_rules.rootfs import ext4
+from tdx_rules.rootfs.formats import open_image
+from tdx_rules.rootfs.tree import apply_layers
+with apply_layers(open_image(sys.argv[1]), defer_checks=True) as tree:  # as the rootfs stage does
     ext4.build_ext4(tree, sys.argv[2], out=sys.argv[3], size=sys.argv[4])
 """
 

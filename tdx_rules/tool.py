@@ -45,7 +45,8 @@ STAGE_CODE = {
     "ovmf": ("stages/ovmf.py",) + _FETCHING,
     "scripts": ("stages/scripts.py", "render.py", "settings.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
     "manifest": ("stages/manifest.py",),
-    "rootfs": ("stages/rootfs.py", "oci.py", "ext4.py", "ext4_writer.py"),
+    "rootfs": ("stages/rootfs.py", "rootfs/formats.py", "rootfs/layers.py", "rootfs/tarscan.py", "rootfs/member.py",
+               "rootfs/tree.py", "rootfs/ext4.py", "rootfs/ext4_writer.py"),
     "pack": ("initramfs/pack.py", "initramfs/pgzip.py", "initramfs/newc.py"),
     "mrtd": _MEASURING,
     "rtmr1": _MEASURING,
@@ -238,7 +239,7 @@ def tdx_ext4_rootfs(env, target, source, agent=None, agent_path=AGENT_PATH, size
     is_dir = os.path.isdir(source_path)
     trees = [source_path]
     if os.path.isfile(os.path.join(source_path, "lower")):  # overlay2: lower layers are directories beside it
-        from .oci import open_image
+        from .rootfs.formats import open_image
 
         try:
             trees += [layer.path for layer in open_image(source_path)[:-1]]

@@ -9,7 +9,7 @@ out as the input of one reader:
   ``data.tar[.gz|.xz|.zst]``) for :func:`tdx_rules.upstream.debpkg.extract` and
   :meth:`tdx_rules.upstream.debpkg.DebPackage.iter_data`;
 * ``oci``: an OCI image layout directory with one layer, for
-  :func:`tdx_rules.oci.open_image` + :func:`tdx_rules.oci.apply_layers`.
+  :func:`tdx_rules.rootfs.formats.open_image` + :func:`tdx_rules.rootfs.tree.apply_layers`.
 
 Tar-level cases apply to all three; container-level cases only to their
 reader. Paths that a hostile archive aims at are given by ``outside``, a

@@ -1,4 +1,4 @@
-"""tdx_rules.ext4 checked from outside: e2fsck, and debugfs listings, stats,
+"""tdx_rules.rootfs.ext4 checked from outside: e2fsck, and debugfs listings, stats,
 dumps and xattrs of the built image against the fixture image's model;
 byte-identical rebuilds; no privileged operation."""
 
@@ -14,8 +14,10 @@ import textwrap
 
 import pytest
 
-from tdx_rules import ext4, oci
 from tdx_rules.errors import TdxError
+from tdx_rules.rootfs import ext4
+from tdx_rules.rootfs.formats import open_image
+from tdx_rules.rootfs.tree import Entry, apply_layers
 from tests import oci_fixtures as fx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +105,7 @@ def write_inputs(directory, mtime=1700000000):
 
 def build_fixture(directory, epoch=EPOCH, mtime=1700000000, **kw):
     image, agent = write_inputs(directory, mtime)
-    with oci.apply_layers(oci.open_image(image)) as tree:
+    with apply_layers(open_image(image)) as tree:
         return ext4.build_ext4(tree, agent, out=os.path.join(directory, "out", "rootfs.ext4"), epoch=epoch, **kw)
 
 
@@ -208,7 +210,7 @@ def test_plain_and_compressed_layers_give_the_same_image(built, tmp_path):
     image, agent = write_inputs(str(tmp_path))
     shutil.rmtree(image)
     fx.write_oci(image, compressions=("tar", "tar", "tar"))
-    with oci.apply_layers(oci.open_image(image)) as tree:
+    with apply_layers(open_image(image)) as tree:
         assert any(e.offset is not None for e in tree.entries())  # read in place
         plain = ext4.build_ext4(tree, agent, out=tmp_path / "plain.ext4", epoch=EPOCH)
     assert sha256(plain.path) == sha256(built.path)
@@ -221,7 +223,7 @@ def test_a_changed_body_of_the_same_size_changes_the_uuid(tmp_path):
     for number, data in enumerate((b"same size A", b"same size B")):
         body = tmp_path / f"body{number}"
         body.write_bytes(data)
-        entries = [oci.Entry("/", "dir", 0o755), oci.Entry("/f", "file", 0o644, body=str(body), size=len(data))]
+        entries = [Entry("/", "dir", 0o755), Entry("/f", "file", 0o644, body=str(body), size=len(data))]
         uuids.append(ext4.build_ext4(entries, agent, out=tmp_path / f"{number}.ext4").uuid)
     assert uuids[0] != uuids[1]
 
@@ -235,11 +237,11 @@ def test_epoch_changes_image(built, tmp_path):
 
 
 def _big_entries(tmp_path, count=3, size=4 << 20):
-    entries = [oci.Entry("/", "dir", 0o755)]
+    entries = [Entry("/", "dir", 0o755)]
     for number in range(count):
         body = tmp_path / f"body{number}"
         body.write_bytes(hashlib.sha256(str(number).encode()).digest() * (size // 32))
-        entries.append(oci.Entry(f"/blob{number}", "file", 0o644, body=str(body), size=size))
+        entries.append(Entry(f"/blob{number}", "file", 0o644, body=str(body), size=size))
     return entries
 
 
@@ -279,11 +281,11 @@ def test_auto_size_headroom(built):
 def test_agent_follows_image_symlinks_and_odd_names(tmp_path):
     agent = tmp_path / "agent"
     agent.write_bytes(AGENT)
-    entries = [oci.Entry("/", "dir", 0o755), oci.Entry("/sbin", "symlink", 0o777, target="usr/sbin"),
-               oci.Entry("/usr", "dir", 0o755), oci.Entry("/usr/sbin", "dir", 0o711, 0, 0),
-               oci.Entry("/usr/sbin/vm-agent", "symlink", 0o777, target="old-agent"),
-               oci.Entry('/usr/a "b" c', "fifo", 0o600, 1000, 1000),
-               oci.Entry("/usr/\u00e9t\u00e9 \t tab", "dir", 0o755)]
+    entries = [Entry("/", "dir", 0o755), Entry("/sbin", "symlink", 0o777, target="usr/sbin"),
+               Entry("/usr", "dir", 0o755), Entry("/usr/sbin", "dir", 0o711, 0, 0),
+               Entry("/usr/sbin/vm-agent", "symlink", 0o777, target="old-agent"),
+               Entry('/usr/a "b" c', "fifo", 0o600, 1000, 1000),
+               Entry("/usr/\u00e9t\u00e9 \t tab", "dir", 0o755)]
     result = ext4.build_ext4(entries, agent, out=tmp_path / "a.ext4", epoch=5)
     found = listing(result.path)
     assert found["/sbin"][1] == stat.S_IFLNK | 0o777
@@ -292,18 +294,18 @@ def test_agent_follows_image_symlinks_and_odd_names(tmp_path):
     assert found['/usr/a "b" c'][1:] == (stat.S_IFIFO | 0o600, 1000, 1000)
     assert "/usr/\u00e9t\u00e9 \t tab" in found
     with pytest.raises(TdxError, match="longer than 255 bytes"):
-        ext4.build_ext4(entries + [oci.Entry("/usr/" + "n" * 256, "dir", 0o755)], agent, out=tmp_path / "b.ext4")
-    newline = ext4.build_ext4(entries + [oci.Entry("/usr/new\nline", "fifo", 0o644)], agent, out=tmp_path / "n.ext4")
+        ext4.build_ext4(entries + [Entry("/usr/" + "n" * 256, "dir", 0o755)], agent, out=tmp_path / "b.ext4")
+    newline = ext4.build_ext4(entries + [Entry("/usr/new\nline", "fifo", 0o644)], agent, out=tmp_path / "n.ext4")
     result = subprocess.run([DEBUGFS, "-R", "ls -p /usr", newline.path], capture_output=True)
     assert b"/new\nline/" in result.stdout  # ext4 names may hold any byte but '/' and NUL
     with pytest.raises(TdxError, match="is a file in the image"):
-        ext4.build_ext4([oci.Entry("/", "dir", 0o755), oci.Entry("/sbin", "file", 0o644)], agent,
+        ext4.build_ext4([Entry("/", "dir", 0o755), Entry("/sbin", "file", 0o644)], agent,
                         out=tmp_path / "c.ext4")
     assert not (tmp_path / "b.ext4").exists() and not (tmp_path / "c.ext4").exists()
 
 
 def test_bad_arguments(tmp_path):
-    entries = [oci.Entry("/", "dir", 0o755)]
+    entries = [Entry("/", "dir", 0o755)]
     agent = tmp_path / "agent"
     agent.write_bytes(AGENT)
     with pytest.raises(TdxError, match="agent .*no such file"):
@@ -338,7 +340,7 @@ def test_no_privileged_operation_in_process(tmp_path, monkeypatch):
 def _python_for(user_env):
     for python in (sys.executable, "/usr/bin/python3"):
         check = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
-                                "import tdx_rules.ext4"], capture_output=True, env=user_env, cwd="/")
+                                "import tdx_rules.rootfs.ext4"], capture_output=True, env=user_env, cwd="/")
         if check.returncode == 0:
             return python
     return None
@@ -359,7 +361,7 @@ def test_build_as_unprivileged_user_is_identical(built, tmp_path):
         with open(agent, "wb") as out:
             out.write(AGENT)
         fx.write_oci(os.path.join(tmp_path, "image"))
-        with oci.apply_layers(oci.open_image(os.path.join(tmp_path, "image"))) as tree:
+        with apply_layers(open_image(os.path.join(tmp_path, "image"))) as tree:
             entries = []
             for number, entry in enumerate(tree.entries()):
                 item = {k: getattr(entry, k) for k in ("path", "type", "mode", "uid", "gid", "rdev", "target", "size",
@@ -379,7 +381,7 @@ def test_build_as_unprivileged_user_is_identical(built, tmp_path):
         os.chown(work, 65534, 65534)  # the test's own setup, as root
         script = textwrap.dedent(f"""
             import json, types
-            from tdx_rules import ext4
+            from tdx_rules.rootfs import ext4
             entries = []
             for item in json.load(open({os.path.join(shared, 'entries.json')!r})):
                 item["xattrs"] = tuple((n, bytes.fromhex(v)) for n, v in item["xattrs"])
@@ -425,17 +427,17 @@ def test_hard_links_into_full_directories(tmp_path):
     agent.write_bytes(AGENT)
     body = tmp_path / "body"
     body.write_bytes(b"shared\n")
-    entries = [oci.Entry("/", "dir", 0o755), oci.Entry("/many", "dir", 0o755),
-               oci.Entry("/many/a-dev", "char", 0o600, rdev=(4, 64)), oci.Entry("/many/a-fifo", "fifo", 0o644),
-               oci.Entry("/many/a-file", "file", 0o640, 7, 8, body=str(body), size=7),
-               oci.Entry("/many/a-link", "symlink", 0o777, target="a-file")]
+    entries = [Entry("/", "dir", 0o755), Entry("/many", "dir", 0o755),
+               Entry("/many/a-dev", "char", 0o600, rdev=(4, 64)), Entry("/many/a-fifo", "fifo", 0o644),
+               Entry("/many/a-file", "file", 0o640, 7, 8, body=str(body), size=7),
+               Entry("/many/a-link", "symlink", 0o777, target="a-file")]
     # 212-byte entries (203-byte names): 19 fill each 4084-byte block, so the names span 4 blocks.
     for number in range(54):
-        entries.append(oci.Entry(f"/many/n{number:03}".ljust(209, "n"), "file", 0o644, body=str(body), size=7))
+        entries.append(Entry(f"/many/n{number:03}".ljust(209, "n"), "file", 0o644, body=str(body), size=7))
     links = {}
     for kind in ("dev", "fifo", "file", "link"):
         links[kind] = [f"/many/z-{kind}-{number}-".ljust(209, "z") for number in range(3)]
-        entries += [oci.Entry(path, "hardlink", 0, target=f"/many/a-{kind}") for path in links[kind]]
+        entries += [Entry(path, "hardlink", 0, target=f"/many/a-{kind}") for path in links[kind]]
     entries.sort(key=lambda e: e.path)
     result = ext4.build_ext4(entries, agent, out=tmp_path / "links.ext4", epoch=7)
     found = listing(result.path)
@@ -453,7 +455,7 @@ def test_the_callers_files_are_left_as_they_were(tmp_path):
     os.chmod(agent, 0o750)
     os.utime(agent, (1234567, 7654321))
     before = os.stat(agent)
-    with oci.apply_layers(oci.open_image(image)) as tree:
+    with apply_layers(open_image(image)) as tree:
         ext4.build_ext4(tree, agent, out=os.path.join(directory, "out.ext4"), epoch=EPOCH)
     after = os.stat(agent)
     assert (after.st_mode, after.st_mtime_ns, after.st_nlink) == (before.st_mode, before.st_mtime_ns, before.st_nlink)
@@ -465,7 +467,7 @@ def test_tree_and_its_entry_list_give_the_same_image(tmp_path):
     """A tree (bodies read where it keeps them) and the plain list of its entries are the same bytes."""
     directory = str(tmp_path / "p")
     image, agent = write_inputs(directory)
-    with oci.apply_layers(oci.open_image(image)) as tree:
+    with apply_layers(open_image(image)) as tree:
         from_tree = ext4.build_ext4(tree, agent, out=os.path.join(directory, "tree.ext4"), epoch=EPOCH)
         from_list = ext4.build_ext4(tree.entries(), agent, out=os.path.join(directory, "list.ext4"), epoch=EPOCH)
     assert sha256(from_tree.path) == sha256(from_list.path)

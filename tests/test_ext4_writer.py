@@ -1,4 +1,4 @@
-"""tdx_rules.ext4_writer at the edges the container fixtures do not reach, checked
+"""tdx_rules.rootfs.ext4_writer at the edges the container fixtures do not reach, checked
 with e2fsck and debugfs: several block groups, extent leaf blocks, inode tables
 spanning groups, xattr blocks, POSIX ACLs, large device numbers, long symlinks,
 random trees; and its CRC-32C against the published check value."""
@@ -13,9 +13,11 @@ import struct
 import subprocess
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tdx_rules import ext4, ext4_writer, oci
+from tdx_rules.rootfs import ext4, ext4_writer
+from tdx_rules.rootfs.tree import Entry
 from tests.conftest import fuzz_examples
 from tests.test_ext4 import listing
 
@@ -69,15 +71,15 @@ def big(tmp_path_factory):
             digest.update(chunk)
     acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in (
         (0x01, 7, 0xFFFFFFFF), (0x02, 6, 1234), (0x04, 5, 0xFFFFFFFF), (0x10, 7, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)))
-    entries = [oci.Entry("/", "dir", 0o755),
-               oci.Entry("/big", "file", 0o600, 5, 6, body=str(body), size=700 << 20),
-               oci.Entry("/dev", "dir", 0o755),
-               oci.Entry("/dev/nvme", "block", 0o660, 0, 6, rdev=(259, 300000)),
-               oci.Entry("/long", "symlink", 0o777, target="/" + "t" * 100),
-               oci.Entry("/many", "dir", 0o755),
-               oci.Entry("/xattrs", "dir", 0o750, xattrs=(("system.posix_acl_access", acl),
+    entries = [Entry("/", "dir", 0o755),
+               Entry("/big", "file", 0o600, 5, 6, body=str(body), size=700 << 20),
+               Entry("/dev", "dir", 0o755),
+               Entry("/dev/nvme", "block", 0o660, 0, 6, rdev=(259, 300000)),
+               Entry("/long", "symlink", 0o777, target="/" + "t" * 100),
+               Entry("/many", "dir", 0o755),
+               Entry("/xattrs", "dir", 0o750, xattrs=(("system.posix_acl_access", acl),
                                                            ("user.big", b"v" * 1000)))]
-    entries += [oci.Entry(f"/many/e{number:05}", "file", 0o644) for number in range(10000)]
+    entries += [Entry(f"/many/e{number:05}", "file", 0o644) for number in range(10000)]
     agent = tmp / "agent"
     agent.write_bytes(b"#!/bin/sh\n")
     result = ext4.build_ext4(entries, agent, out=tmp / "big.ext4", epoch=1)
@@ -128,7 +130,7 @@ NAME = st.text(st.sampled_from("abcxyz019 _-.é€"), min_size=1, max_size=40).f
 @st.composite
 def trees(draw):
     """A random tree as oci entries (bodies written under a temporary directory later)."""
-    entries, dirs, files = [oci.Entry("/", "dir", 0o755)], ["/"], []
+    entries, dirs, files = [Entry("/", "dir", 0o755)], ["/"], []
     for _ in range(draw(st.integers(1, 40))):
         parent = draw(st.sampled_from(dirs))
         path = parent.rstrip("/") + "/" + draw(NAME)
@@ -143,21 +145,21 @@ def trees(draw):
         if kind == "hardlink":
             if not files:
                 continue
-            entries.append(oci.Entry(path, "hardlink", 0, target=draw(st.sampled_from(files))))
+            entries.append(Entry(path, "hardlink", 0, target=draw(st.sampled_from(files))))
             continue
         if kind == "dir":
             dirs.append(path)
-            entries.append(oci.Entry(path, "dir", mode, xattrs=xattrs, **owner))
+            entries.append(Entry(path, "dir", mode, xattrs=xattrs, **owner))
         elif kind == "file":
             files.append(path)
-            entries.append(oci.Entry(path, "file", mode, xattrs=xattrs, size=draw(st.sampled_from([0, 1, 4095, 4096,
+            entries.append(Entry(path, "file", mode, xattrs=xattrs, size=draw(st.sampled_from([0, 1, 4095, 4096,
                                                                                                  9000])), **owner))
         elif kind == "symlink":
             target = "t" * draw(st.sampled_from([1, 59, 60, 300]))
-            entries.append(oci.Entry(path, "symlink", 0o777, target=target, xattrs=xattrs, **owner))
+            entries.append(Entry(path, "symlink", 0o777, target=target, xattrs=xattrs, **owner))
         else:
             rdev = (draw(st.integers(0, 4095)), draw(st.integers(0, (1 << 20) - 1))) if kind != "fifo" else None
-            entries.append(oci.Entry(path, kind, mode, rdev=rdev, xattrs=xattrs, **owner))
+            entries.append(Entry(path, kind, mode, rdev=rdev, xattrs=xattrs, **owner))
     return entries
 
 

@@ -3,8 +3,8 @@
 Readers: ``minirootfs`` (:func:`tdx_rules.stages.busybox.extract_base`),
 ``deb`` (:func:`tdx_rules.upstream.debpkg.extract`, everything selected), ``deb_iter``
 (:meth:`tdx_rules.upstream.debpkg.DebPackage.iter_data`, drained: what the kernel, OVMF
-and minirootfs stages call) and ``oci`` (:func:`tdx_rules.oci.open_image` +
-:func:`tdx_rules.oci.apply_layers`). For each case the reader must raise a
+and minirootfs stages call) and ``oci`` (:func:`tdx_rules.open_image` +
+:func:`tdx_rules.apply_layers`). For each case the reader must raise a
 one-line TdxError naming its input, or give the documented safe result below;
 either way nothing may appear outside the destination (the sentinel directory
 around it is listed before and after), the victim file outside is untouched,
@@ -23,8 +23,9 @@ import time
 
 import pytest
 
-from tdx_rules import oci
 from tdx_rules.errors import TdxError
+from tdx_rules.rootfs.formats import open_image
+from tdx_rules.rootfs.tree import Tree, apply_layers
 from tdx_rules.stages.busybox import extract_base
 from tdx_rules.upstream import debpkg
 from tests import hostile_corpus as corpus
@@ -199,7 +200,7 @@ def _run(mode, path, dest):
             if fileobj is not None:
                 fileobj.read(4096)  # consumers read some bodies and skip the rest
         return names
-    return oci.apply_layers(oci.open_image(path), os.path.join(dest, "staging"))
+    return apply_layers(open_image(path), os.path.join(dest, "staging"))
 
 
 @pytest.mark.parametrize("case_name,mode", list(_params()))
@@ -238,7 +239,7 @@ def test_hostile(case_name, mode, tmp_path):
         assert (outside / "victim").read_bytes() == b"victim\n"
         _no_special_files(tmp_path)
     finally:
-        if isinstance(result, oci.Tree):
+        if isinstance(result, Tree):
             result.cleanup()
 
 
@@ -247,8 +248,8 @@ def test_kernel_package_whose_vmlinuz_is_a_symlink_is_refused(tmp_path):
     import subprocess
 
     from tdx_rules.errors import TdxError
-    from tdx_rules.upstream.sources import Resolved
     from tdx_rules.stages import kernel
+    from tdx_rules.upstream.sources import Resolved
 
     pkg = tmp_path / "pkg"
     (pkg / "DEBIAN").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""tdx_rules.oci: OCI layouts, docker save tarballs and overlay2 directories
+"""tdx_rules.rootfs (formats, layers, tree): OCI layouts, docker save tarballs and overlay2 directories
 applied to the same model; hostile and damaged layers refused."""
 
 import gzip
@@ -14,8 +14,9 @@ import tracemalloc
 import pytest
 import zstandard
 
-from tdx_rules import oci
 from tdx_rules.errors import TdxError
+from tdx_rules.rootfs.formats import open_image
+from tdx_rules.rootfs.tree import apply_layers
 from tests import oci_fixtures as fx
 
 IS_ROOT = os.geteuid() == 0
@@ -23,7 +24,7 @@ IS_ROOT = os.geteuid() == 0
 
 def applied(path, tmp_path, **kw):
     staging = tmp_path / "staging"
-    with oci.apply_layers(oci.open_image(path, **kw), staging) as tree:
+    with apply_layers(open_image(path, **kw), staging) as tree:
         got = fx.model(tree.entries())
         assert_staging_safe(staging)
     assert not staging.exists()
@@ -58,17 +59,17 @@ def test_oci_layout(tmp_path, compressions):
 
 def test_oci_nested_index_picks_linux_amd64(tmp_path):
     fx.write_oci(tmp_path / "image", nested=True)
-    layers = oci.open_image(tmp_path / "image")
+    layers = open_image(tmp_path / "image")
     assert len(layers) == 3 and layers[0].media_type.endswith("+gzip")
     assert applied(tmp_path / "image", tmp_path) == fx.EXPECTED
     with pytest.raises(TdxError, match=r"no linux/s390x image.*found: linux/amd64, linux/arm64"):
-        oci.open_image(tmp_path / "image", platform="linux/s390x")
+        open_image(tmp_path / "image", platform="linux/s390x")
 
 
 @pytest.mark.parametrize("style", ["old", "new"])
 def test_docker_save(tmp_path, style):
     path = fx.write_docker_save(tmp_path / "image.tar", style)
-    layers = oci.open_image(path)
+    layers = open_image(path)
     assert all(layer.digest.startswith("sha256:") for layer in layers)
     assert applied(path, tmp_path) == fx.EXPECTED
 
@@ -84,7 +85,7 @@ def test_oci_archive_tarball(tmp_path):
 
 def test_overlay2_with_wh_files(tmp_path):
     top = fx.write_overlay2(tmp_path / "overlay2")
-    layers = oci.open_image(top)
+    layers = open_image(top)
     assert len(layers) == 3 and layers[-1].path == os.path.join(top, "diff")
     got = applied(top, tmp_path)
     if IS_ROOT:
@@ -96,14 +97,14 @@ def test_overlay2_with_wh_files(tmp_path):
 @pytest.mark.skipif(not IS_ROOT, reason="0:0 character devices and trusted.* xattrs need root")
 def test_overlay2_with_char_device_whiteouts_and_opaque_xattr(tmp_path):
     top = fx.write_overlay2(tmp_path / "overlay2", real_whiteouts=True)
-    diff2 = oci.open_image(top)[1].path
+    diff2 = open_image(top)[1].path
     assert stat.S_ISCHR(os.lstat(os.path.join(diff2, "etc", "old")).st_mode)
     assert applied(top, tmp_path) == fx.expected_overlay2()
 
 
 def test_overlay2_lower_order_bottom_first(tmp_path):
     top = fx.write_overlay2(tmp_path / "overlay2")
-    layers = oci.open_image(top)
+    layers = open_image(top)
     lower = pathlib.Path(top, "lower").read_text().split(":")
     resolved = [os.path.realpath(os.path.join(tmp_path / "overlay2", item)) for item in lower]
     assert [layer.path for layer in layers[:-1]] == list(reversed(resolved))
@@ -116,7 +117,7 @@ def test_overlay2_link_outside_refused(tmp_path):
     os.unlink(link)
     os.symlink("../../../etc", link)
     with pytest.raises(TdxError, match="not to a diff/ directory"):
-        oci.open_image(top)
+        open_image(top)
 
 
 def test_empty_layer_and_large_file_streamed(tmp_path):
@@ -125,11 +126,11 @@ def test_empty_layer_and_large_file_streamed(tmp_path):
     empty = b"\0" * 1024
     fx.write_oci(tmp_path / "image", layers=[[fx.F("big", big)], []], compressions=("gzip", "tar"),
                  blobs=[gzip.compress(fx.layer_tar([fx.F("big", big)])), empty])
-    layers = oci.open_image(tmp_path / "image")
+    layers = open_image(tmp_path / "image")
     layers[1].diff_id = None  # the fixture's diff_id is of tarfile's own (longer) empty tar
     tracemalloc.start()
     try:
-        with oci.apply_layers(layers, tmp_path / "staging") as tree:
+        with apply_layers(layers, tmp_path / "staging") as tree:
             _, peak = tracemalloc.get_traced_memory()
             (entry,) = [e for e in tree.entries() if e.path == "/big"]
             assert entry.size == len(big) and os.path.getsize(entry.body) >= entry.offset + len(big)
@@ -145,7 +146,7 @@ def test_directory_replaces_symlink_without_touching_host(tmp_path):
     first = [fx.D("./"), fx.L("evil", str(outside))]
     second = [fx.F("evil/file", b"data")]
     fx.write_oci(tmp_path / "image", layers=[first, second], compressions=("gzip", "gzip"))
-    with oci.apply_layers(oci.open_image(tmp_path / "image"), tmp_path / "staging") as tree:
+    with apply_layers(open_image(tmp_path / "image"), tmp_path / "staging") as tree:
         kinds = {e.path: e.type for e in tree.entries()}
     assert kinds == {"/": "dir", "/evil": "dir", "/evil/file": "file"}
     assert not outside.exists()
@@ -156,7 +157,7 @@ def test_same_layer_whiteout_keeps_own_files(tmp_path):
     first = [fx.D("./"), fx.D("d"), fx.F("d/lower", b"1"), fx.F("f", b"old")]
     second = [fx.F("d/new", b"2"), fx.F(".wh.d"), fx.F("f", b"new"), fx.F(".wh.f")]
     fx.write_oci(tmp_path / "image", layers=[first, second], compressions=("tar", "tar"))
-    with oci.apply_layers(oci.open_image(tmp_path / "image"), tmp_path / "staging") as tree:
+    with apply_layers(open_image(tmp_path / "image"), tmp_path / "staging") as tree:
         assert [(e.path, e.size) for e in tree.entries()] == [("/", 0), ("/d", 0), ("/d/new", 1), ("/f", 3)]
 
 
@@ -195,11 +196,11 @@ def test_hostile_member_refused(tmp_path, case):
     blob = fx.raw_tar(members)
     digests = fx.write_oci(work / "image", layers=[[], []], compressions=("gzip", "gzip"),
                            blobs=[gzip.compress(good), gzip.compress(blob)])
-    for layer in (layers := oci.open_image(work / "image")):
+    for layer in (layers := open_image(work / "image")):
         layer.diff_id = None
     before = listing(tmp_path)
     with pytest.raises(TdxError, match=message) as err:
-        oci.apply_layers(layers, work / "staging")
+        apply_layers(layers, work / "staging")
     assert digests[1] in str(err.value) and "\n" not in str(err.value)
     assert listing(tmp_path) == before  # nothing written outside staging, staging removed
 
@@ -208,7 +209,7 @@ def test_missing_blob_names_digest(tmp_path):
     digests = fx.write_oci(tmp_path / "image")
     os.unlink(tmp_path / "image" / "blobs" / "sha256" / digests[1][7:])
     with pytest.raises(TdxError, match=f"blob {digests[1]} .*missing"):
-        oci.open_image(tmp_path / "image")
+        open_image(tmp_path / "image")
 
 
 def test_missing_manifest_blob(tmp_path):
@@ -216,7 +217,7 @@ def test_missing_manifest_blob(tmp_path):
     manifest = json.loads((tmp_path / "image" / "index.json").read_text())["manifests"][0]["digest"]
     os.unlink(tmp_path / "image" / "blobs" / "sha256" / manifest[7:])
     with pytest.raises(TdxError, match=f"blob {manifest} .*missing"):
-        oci.open_image(tmp_path / "image")
+        open_image(tmp_path / "image")
 
 
 def test_digest_mismatch_names_digest(tmp_path):
@@ -224,9 +225,9 @@ def test_digest_mismatch_names_digest(tmp_path):
     other = gzip.compress(fx.layer_tar(fx.LAYERS[1]) + b"\0" * 512)
     with open(tmp_path / "image" / "blobs" / "sha256" / digests[1][7:], "wb") as out:
         out.write(other)
-    layers = oci.open_image(tmp_path / "image")
+    layers = open_image(tmp_path / "image")
     with pytest.raises(TdxError, match=f"layer {digests[1]}: content has digest sha256:"):
-        oci.apply_layers(layers, tmp_path / "staging")
+        apply_layers(layers, tmp_path / "staging")
     assert not (tmp_path / "staging").exists()
 
 
@@ -236,9 +237,9 @@ def test_docker_save_diff_id_mismatch(tmp_path):
     at = data.index(b"tool v1\n")
     data[at:at + 8] = b"tool v9\n"
     pathlib.Path(path).write_bytes(bytes(data))
-    layers = oci.open_image(path)
+    layers = open_image(path)
     with pytest.raises(TdxError, match=f"not the diff_id {layers[0].digest}"):
-        oci.apply_layers(layers, tmp_path / "staging")
+        apply_layers(layers, tmp_path / "staging")
 
 
 def _damaged(kind):
@@ -270,9 +271,9 @@ def _damaged(kind):
 def test_damaged_layer_names_digest(tmp_path, kind):
     blob, how = _damaged(kind)
     (digest,) = fx.write_oci(tmp_path / "image", layers=[fx.LAYERS[0]], compressions=(how,), blobs=[blob])
-    layers = oci.open_image(tmp_path / "image")
+    layers = open_image(tmp_path / "image")
     with pytest.raises(TdxError, match=f"layer {digest}: corrupt or truncated") as err:
-        oci.apply_layers(layers, tmp_path / "staging")
+        apply_layers(layers, tmp_path / "staging")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "staging").exists()
 
@@ -288,21 +289,21 @@ def test_unsupported_media_type(tmp_path):
         json.dump({"schemaVersion": 2,
                    "manifests": [dict(digest, mediaType="application/vnd.oci.image.manifest.v1+json")]}, out)
     with pytest.raises(TdxError, match="unsupported media type"):
-        oci.open_image(tmp_path / "image")
+        open_image(tmp_path / "image")
 
 
 def test_not_an_image(tmp_path):
     (tmp_path / "dir").mkdir()
     with pytest.raises(TdxError, match="neither an OCI image layout"):
-        oci.open_image(tmp_path / "dir")
+        open_image(tmp_path / "dir")
     with pytest.raises(TdxError, match="no such image"):
-        oci.open_image(tmp_path / "missing")
+        open_image(tmp_path / "missing")
     (tmp_path / "x.tar.gz").write_bytes(gzip.compress(b"x"))
     with pytest.raises(TdxError, match="compressed tarball"):
-        oci.open_image(tmp_path / "x.tar.gz")
+        open_image(tmp_path / "x.tar.gz")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.addfile(tarfile.TarInfo("hello"), io.BytesIO(b""))
     (tmp_path / "plain.tar").write_bytes(buf.getvalue())
     with pytest.raises(TdxError, match="without manifest.json or index.json"):
-        oci.open_image(tmp_path / "plain.tar")
+        open_image(tmp_path / "plain.tar")

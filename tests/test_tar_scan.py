@@ -1,4 +1,4 @@
-"""Uncompressed layers are read in place: tdx_rules.oci.scan_tar against the
+"""Uncompressed layers are read in place: tdx_rules.rootfs.tarscan.scan_tar against the
 standard library's tarfile (the reference reader), and bodies left in the blob."""
 
 import io
@@ -7,12 +7,17 @@ import tarfile
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tdx_rules import ext4, oci
 from tdx_rules.errors import TdxError
-from tests.conftest import fuzz_examples
+from tdx_rules.rootfs import ext4
+from tdx_rules.rootfs.formats import open_image
+from tdx_rules.rootfs.layers import _tar_member
+from tdx_rules.rootfs.tarscan import scan_tar
+from tdx_rules.rootfs.tree import apply_layers
 from tests import oci_fixtures as fx
+from tests.conftest import fuzz_examples
 
 NAMES = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=40)
 PATHS = st.lists(NAMES, min_size=1, max_size=9).map("/".join)  # up to ~370 characters: prefix, L and pax paths
@@ -27,7 +32,7 @@ MEMBER = st.tuples(PATHS, KINDS, st.integers(0, 0o7777), st.integers(0, 1 << 24)
 def reference(data):
     """(Member, data offset) of every member as tarfile reads it."""
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:", errors="surrogateescape") as tar:
-        return [(oci._tar_member(info), info.offset_data) for info in tar]
+        return [(_tar_member(info), info.offset_data) for info in tar]
 
 
 def archive(members, fmt):
@@ -60,7 +65,7 @@ def test_scan_agrees_with_tarfile_or_leaves_the_archive_to_it(tmp_path_factory, 
     path = tmp_path_factory.mktemp("scan") / "layer.tar"
     path.write_bytes(b"PREFIX" + data)
     with open(path, "rb") as handle:
-        scanned = oci.scan_tar(handle.fileno(), 6, len(data))
+        scanned = scan_tar(handle.fileno(), 6, len(data))
     if scanned is None:  # left to tarfile: only for what the scanner does not read itself
         assert fmt == tarfile.GNU_FORMAT and any(uid >= 0o7777777 or gid >= 0o7777777
                                                  for _, _, _, uid, gid, *_ in members)
@@ -79,7 +84,7 @@ def test_pax_global_headers_and_damaged_headers():
     with tempfile.TemporaryFile() as handle:
         handle.write(data)
         handle.flush()
-        scanned = oci.scan_tar(handle.fileno(), 0, len(data))
+        scanned = scan_tar(handle.fileno(), 0, len(data))
         assert scanned == reference(data) and scanned[0][0].uid == 4242
         assert scanned[0][0].xattrs == {"user.g": b"global"}
         damaged = bytearray(data)
@@ -87,15 +92,15 @@ def test_pax_global_headers_and_damaged_headers():
         handle.seek(0)
         handle.write(damaged)
         handle.flush()
-        assert oci.scan_tar(handle.fileno(), 0, len(data)) is None  # tarfile then reports the damage
-        assert oci.scan_tar(handle.fileno(), 0, 1536) is None  # no end-of-archive block
+        assert scan_tar(handle.fileno(), 0, len(data)) is None  # tarfile then reports the damage
+        assert scan_tar(handle.fileno(), 0, 1536) is None  # no end-of-archive block
 
 
 def test_uncompressed_layer_bodies_stay_in_the_blob(tmp_path):
     """Plain tar layers are not unpacked: every body is a slice of its blob (its
     bytes checked against the fixture by fx.model); the tree's store stays empty."""
     fx.write_oci(tmp_path / "image", compressions=("tar", "tar", "tar"))
-    with oci.apply_layers(oci.open_image(tmp_path / "image")) as tree:
+    with apply_layers(open_image(tmp_path / "image")) as tree:
         files = [e for e in tree.entries() if e.type == "file"]
         assert files and all(e.offset is not None and "/blobs/sha256/" in e.body for e in files)
         assert fx.model(tree.entries()) == fx.EXPECTED
@@ -111,7 +116,7 @@ def _tamper_a_body(image):
         if data[257:262] != b"ustar":
             continue
         with open(blob, "rb") as handle:
-            scanned = oci.scan_tar(handle.fileno(), 0, len(data))
+            scanned = scan_tar(handle.fileno(), 0, len(data))
         body = next(((offset, member.size) for member, offset in scanned if member.type == "file" and member.size),
                     None)
         if body:
@@ -126,11 +131,11 @@ def test_a_tampered_plain_layer_is_refused_before_anything_is_published(tmp_path
     fx.write_oci(tmp_path / "image", compressions=("tar", "tar", "tar"))
     digest = _tamper_a_body(tmp_path / "image")
     with pytest.raises(TdxError, match=f"layer {digest}: content has digest"):
-        oci.apply_layers(oci.open_image(tmp_path / "image"))  # checked before the first member
+        apply_layers(open_image(tmp_path / "image"))  # checked before the first member
     agent = tmp_path / "agent"
     agent.write_bytes(b"#!/bin/sh\n")
     out = tmp_path / "out" / "rootfs.ext4"
-    with oci.apply_layers(oci.open_image(tmp_path / "image"), defer_checks=True) as tree:
+    with apply_layers(open_image(tmp_path / "image"), defer_checks=True) as tree:
         assert tree.pending  # the check still runs while the image is written
         with pytest.raises(TdxError, match=f"layer {digest}: content has digest"):
             ext4.build_ext4(tree, agent, out=out)

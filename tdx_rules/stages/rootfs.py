@@ -16,8 +16,10 @@ import os
 
 import filelock
 
-from .. import ext4, oci
 from ..fsutil import CHUNK, copy_file, sha256_file
+from ..rootfs import ext4
+from ..rootfs.formats import open_image
+from ..rootfs.tree import apply_layers
 from ._entry import load_config, run
 
 KEY_VERSION = "tdx-rules-rootfs-2"
@@ -45,7 +47,7 @@ def cache_key(layers, agent: str, config: dict) -> str:
 
 
 def build_rootfs(source: str, agent: str, config: dict, out: str, cache: str, log=print) -> None:
-    layers = oci.open_image(source)
+    layers = open_image(source)
     key = cache_key(layers, agent, config)
     cached = os.path.join(cache, "rootfs", key + ".ext4")
     os.makedirs(os.path.dirname(cached), exist_ok=True)
@@ -54,7 +56,7 @@ def build_rootfs(source: str, agent: str, config: dict, out: str, cache: str, lo
             log(f"[tdx] rootfs from cache {key[:16]}")
             copy_file(cached, out)
             return
-        with oci.apply_layers(oci.open_image(source), defer_checks=True) as tree:
+        with apply_layers(open_image(source), defer_checks=True) as tree:
             ext4.build_ext4(tree, agent, config["agent_path"], out=out, size=config["size"], epoch=config["epoch"])
         copy_file(out, cached)
 

@@ -1,8 +1,8 @@
 """Reproducible ext4 root filesystem images from an unpacked container image, without root.
 
-:func:`build_ext4` turns a :class:`tdx_rules.oci.Tree` (or a list of its
+:func:`build_ext4` turns a :class:`tdx_rules.rootfs.tree.Tree` (or a list of its
 entries) plus an agent binary into an ext4 image. The filesystem is written
-by :mod:`tdx_rules.ext4_writer`, block by block, from the model: no staging
+by :mod:`tdx_rules.rootfs.ext4_writer`, block by block, from the model: no staging
 tree, no ``mkfs``, no mount, no loop device, no root. Owners, modes
 (setuid, setgid, sticky), device nodes, fifos, hard links, symlinks and xattrs
 come from the model alone, so the host never creates a device node or chowns
@@ -40,17 +40,15 @@ import hashlib
 import os
 import re
 import shutil
-import stat
 import subprocess
 import tempfile
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from ..errors import TdxError
+from ..fsutil import RangeHasher
 from . import ext4_writer as writer
-from .errors import TdxError
-from .fsutil import RangeHasher
-
-# Entry types, as tdx_rules.oci names them.
-FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK_DEV, FIFO = "file", "dir", "symlink", "hardlink", "char", "block", "fifo"
+from .member import BLOCK as BLOCK_DEV
+from .member import CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK
 
 BLOCK = writer.BLOCK
 INODE_SIZE = writer.INODE_SIZE
@@ -104,7 +102,7 @@ def _inodes(entries: Iterable) -> Dict[str, _Inode]:
             if owner is None or owner.type == DIR:
                 what = "a directory" if owner is not None else "not in the tree (or listed after the link)"
                 raise TdxError(f"hard link {entry.path!r} points to {entry.target!r}, which is {what}; "
-                               "rebuild the tree with tdx_rules.oci.apply_layers")
+                               "rebuild the tree with tdx_rules.rootfs.tree.apply_layers")
             owner.paths.append(entry.path)
             by_path[entry.path] = owner
             continue
@@ -360,8 +358,8 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
                epoch: int = 0, label: str = LABEL) -> Ext4Image:
     """Write an ext4 image of ``tree`` plus the agent to ``out``, atomically.
 
-    ``tree`` is a :class:`tdx_rules.oci.Tree` or a list of its entries (any
-    objects with the attributes of :class:`tdx_rules.oci.Entry`). The
+    ``tree`` is a :class:`tdx_rules.rootfs.tree.Tree` or a list of its entries (any
+    objects with the attributes of :class:`tdx_rules.rootfs.tree.Entry`). The
     agent lands at ``agent_guest_path`` (parents resolved through the image's
     symlinks, so ``/sbin`` -> ``usr/sbin`` is honoured) with mode 0755 and
     owner 0:0. ``size`` is ``'auto'`` (estimated need + 20 %, at least
