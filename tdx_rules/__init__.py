@@ -12,10 +12,10 @@ TOOLPATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site_tools"
 
 
 def generate(env):
-    from .tool import generate as _generate
+    from .scons.tool import generate as _generate
     _generate(env)
 
 
 def exists(env):
-    from .tool import exists as _exists
+    from .scons.tool import exists as _exists
     return _exists(env)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tdx_rules.tool import STAGE_CODE
+from tdx_rules.scons.tool import STAGE_CODE
 from tests import debian
 
 ROOT = debian.ROOT

@@ -7,7 +7,8 @@ import os
 
 import SCons.Environment
 
-from tdx_rules import reference, settings, tool
+from tdx_rules import reference, settings
+from tdx_rules.scons import tool
 from tests.conftest import ROOT, scons, stages_run
 
 DOCS = os.path.join(ROOT, "docs")

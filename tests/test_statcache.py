@@ -8,7 +8,7 @@ import time
 
 import SCons.Node.FS
 
-from tdx_rules import statcache
+from tdx_rules.scons import statcache
 from tests.conftest import ROOT
 
 BIG = 64 << 20

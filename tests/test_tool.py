@@ -3,7 +3,7 @@
 import ast
 import os
 
-from tdx_rules import tool
+from tdx_rules.scons import tool
 from tests.conftest import scons, stages_run
 
 PACKAGE = tool.PACKAGE_DIR

@@ -1,3 +1,3 @@
 """Lets this repository's SConstruct files say ``tools=['tdx']``."""
 
-from tdx_rules.tool import exists, generate  # noqa: F401
+from tdx_rules.scons.tool import exists, generate  # noqa: F401

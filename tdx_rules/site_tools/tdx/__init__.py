@@ -1,3 +1,3 @@
 """The SCons tool ``tdx``: ``Environment(tools=['default', 'tdx'], toolpath=[tdx_rules.TOOLPATH])``."""
 
-from tdx_rules.tool import exists, generate  # noqa: F401
+from tdx_rules.scons.tool import exists, generate  # noqa: F401

@@ -20,12 +20,13 @@ import SCons.Builder
 import SCons.Errors
 import SCons.Script
 
-from . import settings as settings_table
+from .. import settings as settings_table
+from ..errors import ERROR_PREFIX, TdxError
+from ..upstream import sources
 from . import statcache
-from .errors import ERROR_PREFIX, TdxError
-from .upstream import sources
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# The package root: STAGE_CODE names files relative to it.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The code each stage runs, besides _COMMON: a changed file reruns the stage.
 # tests/test_tool.py checks this against the modules' real imports.
@@ -150,7 +151,7 @@ _CACHE_ARGS = '$( --cache "$TDX_CACHE" --mirror "$TDX_MIRROR" $)'
 
 
 def _write_config(target, source, env):
-    from .fsutil import write_bytes
+    from ..fsutil import write_bytes
 
     write_bytes(str(target[0]), source[0].get_contents())
     return 0
@@ -203,7 +204,7 @@ def tdx_static_program(env, target, source=None, bin=None):
             dirs.sort()
             files += [os.path.join(root, n) for n in sorted(names)]
         deps = [env.File(first)] + [env.File(f) for f in files]
-        from .stages.program import rust_build_target
+        from ..stages.program import rust_build_target
 
         # Chosen when the SConstruct is read, so that installing the musl target rebuilds.
         command = (f"{_python('program')} rust --bin {bin or os.path.basename(target)} "
@@ -239,7 +240,7 @@ def tdx_ext4_rootfs(env, target, source, agent=None, agent_path=AGENT_PATH, size
     is_dir = os.path.isdir(source_path)
     trees = [source_path]
     if os.path.isfile(os.path.join(source_path, "lower")):  # overlay2: lower layers are directories beside it
-        from .rootfs.formats import open_image
+        from ..rootfs.formats import open_image
 
         try:
             trees += [layer.path for layer in open_image(source_path)[:-1]]
@@ -266,7 +267,7 @@ def tdx_pack(env, target, source, compress="gzip", level=None):
     Every file, symlink and directory of the tree is a dependency (never a FIFO
     or device: those are refused by pack itself).
     """
-    from .initramfs.pack import COMPRESSIONS
+    from ..initramfs.pack import COMPRESSIONS
 
     where = f"TdxPack('{target}')"
     if compress not in COMPRESSIONS:
@@ -401,8 +402,8 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
     stage_targets["ovmf"] = ovmf
 
     # measurements
-    from .measure.kernel_patch import vga_word
-    from .measure.profiles import profile_for
+    from ..measure.kernel_patch import vga_word
+    from ..measure.profiles import profile_for
 
     try:
         profile_for(values["qemu_version"], values["ovmf_version"])
