@@ -265,7 +265,7 @@ def resolve(options: Mapping[str, Any], environ: Mapping[str, str]) -> Dict[str,
     """
     unknown = sorted(set(options) - set(BY_NAME))
     if unknown:
-        raise TdxError(f"TdxImage: unknown option(s) {', '.join(unknown)}; known options: {', '.join(BY_NAME)}")
+        raise TdxError(f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(BY_NAME)}")
     values = {}
     for setting in SETTINGS:
         if setting.env and environ.get(setting.env, "") != "":

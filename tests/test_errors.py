@@ -7,6 +7,8 @@ import os
 import pathlib
 import socket
 
+import pytest
+
 from tests.conftest import DOWNLOAD_CACHE, scons, stages_run
 from tests.test_incremental import set_options
 
@@ -111,3 +113,27 @@ def test_clean_removes_outputs_and_keeps_the_download_cache(fast_project):
     out = os.path.join(fast_project, "build", "tdx", "hello")
     assert not [f for _, _, files in os.walk(out) for f in files]
     assert sorted(p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")) == cached
+
+
+# A call that each builder refuses while the SConstruct is read, and a word of its message.
+DECLARATION_ERRORS = {
+    "TdxImage": ("env.TdxImage('img', binary='prog', memory='lots')", "memory"),
+    "TdxStaticProgram": ("env.TdxStaticProgram('prog', [])", "no sources given"),
+    "TdxExt4Rootfs": ("env.TdxExt4Rootfs('root.ext4', 'image/')", "agent= is required"),
+    "TdxPack": ("env.TdxPack('initrd', '.', compress='brotli')", "compress='brotli'"),
+}
+
+
+@pytest.mark.parametrize("builder", sorted(DECLARATION_ERRORS))
+def test_a_declaration_error_is_reported_at_the_users_line_not_ours(tmp_path, builder):
+    call, words = DECLARATION_ERRORS[builder]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "SConstruct").write_text(
+        "import tdx_rules\nDefaultEnvironment(tools=[])\n"
+        "env = Environment(tools=['tdx'], toolpath=[tdx_rules.TOOLPATH])\n"
+        "SConscript('sub/SConscript', exports='env')\n")
+    (tmp_path / "sub" / "SConscript").write_text(f"Import('env')\n\n{call}\n")
+    result = scons(str(tmp_path), check=False)
+    assert words in scons_error(result)
+    locations = [line for line in result.stderr.splitlines() if line.startswith("File ")]
+    assert locations == [f'File "{tmp_path / "sub" / "SConscript"}", line 3, in <module>'], result.stderr

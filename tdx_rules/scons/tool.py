@@ -9,6 +9,7 @@ exactly the stages that read it. Nothing is read from ``os.environ`` inside
 a stage: this module reads the environment when the SConstruct is read.
 """
 
+import functools
 import json
 import os
 import re
@@ -478,6 +479,27 @@ def _update_help() -> None:
     SCons.Script.Help(text, append=True)
 
 
+def _reported_at_the_callers_line(method):
+    """``method`` as an environment method whose ``UserError`` names the SConstruct's line.
+
+    SCons reports a ``UserError`` at the deepest frame of its traceback outside SCons's own
+    package, which would be a line of ours. The error leaves here with its traceback cleared
+    and re-raised bare, which (Python 3.11+) adds no frame, so the deepest frame left is the
+    call in the user's SConstruct or SConscript. ``--debug=stacktrace`` keeps every frame.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except SCons.Errors.UserError as error:
+            if not getattr(SCons.Script.Main, "print_stacktrace", False):
+                error.__traceback__ = None
+            raise
+
+    return wrapper
+
+
 def generate(env):
     """Add the builders and the rule to ``env``; set every variable they read."""
     env.SetDefault(**settings_table.construction_defaults())
@@ -485,10 +507,9 @@ def generate(env):
     # Content decisions as SCons makes them, without re-hashing unchanged files every run.
     env.Decider(statcache.decider)
     env.Append(BUILDERS={"_TdxConfig": _CONFIG})
-    env.AddMethod(tdx_static_program, "TdxStaticProgram")
-    env.AddMethod(tdx_image, "TdxImage")
-    env.AddMethod(tdx_ext4_rootfs, "TdxExt4Rootfs")
-    env.AddMethod(tdx_pack, "TdxPack")
+    for method, name in ((tdx_static_program, "TdxStaticProgram"), (tdx_image, "TdxImage"),
+                         (tdx_ext4_rootfs, "TdxExt4Rootfs"), (tdx_pack, "TdxPack")):
+        env.AddMethod(_reported_at_the_callers_line(method), name)
 
 
 def exists(env):
