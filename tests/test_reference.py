@@ -7,7 +7,8 @@ import os
 
 import SCons.Environment
 
-from tdx_rules import reference, settings
+from tdx_rules import settings
+from tdx_rules.cli import reference
 from tdx_rules.scons import tool
 from tests.conftest import ROOT, scons, stages_run
 
@@ -17,7 +18,7 @@ DOCS = os.path.join(ROOT, "docs")
 def test_docs_pages_are_what_the_generator_writes():
     for name, text in reference.pages().items():
         with open(os.path.join(DOCS, name), encoding="utf-8") as handle:
-            assert handle.read() == text, f"docs/{name} is stale: run `python -m tdx_rules.reference docs`"
+            assert handle.read() == text, f"docs/{name} is stale: run `python -m tdx_rules.cli.reference docs`"
     assert sorted(os.listdir(DOCS)) == sorted(set(reference.pages()) | {"ci.md"})
 
 

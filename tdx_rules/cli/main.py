@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from .errors import ERROR_PREFIX, TdxError
+from ..errors import ERROR_PREFIX, TdxError
 
 MEASURE_EXAMPLE = """example:
   tdx-rules measure --ovmf OVMF.fd --kernel vmlinuz --initrd initramfs.cpio.gz \\
@@ -26,7 +26,7 @@ needs --kernel; RTMR[2] needs --cmdline or --initrd)."""
 
 def measure(args) -> dict:
     """The registers and the events, in measurement order, for ``args``."""
-    from .measure import mrtd, profiles, rtmr
+    from ..measure import mrtd, profiles, rtmr
 
     profile = profiles.profile_for(args.qemu_version, args.ovmf_version)
     result = {}
@@ -89,8 +89,8 @@ def _command(commands, name, help_text, epilog):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import settings
-    from .initramfs import pack
+    from .. import settings
+    from ..initramfs import pack
 
     parser = argparse.ArgumentParser(prog="tdx-rules", description="Tools of tdx-rules (TDX guest images for SCons).",
                                      epilog="exit status: 0 ok, 1 bad input (one error line), 2 bad usage; "
@@ -148,14 +148,14 @@ def _print_measure(args) -> int:
 
 
 def _pack(args) -> int:
-    from .initramfs import pack
+    from ..initramfs import pack
 
     pack.run(args)
     return 0
 
 
 def _inspect(args) -> int:
-    from .initramfs import archive
+    from ..initramfs import archive
 
     found = archive.members(args.image, with_hash=args.hash)
     if args.json:
@@ -172,20 +172,20 @@ def _inspect(args) -> int:
 
 
 def _diff(args) -> int:
-    from . import compare
+    from . import diff
 
-    manifests = compare.is_manifest(args.a), compare.is_manifest(args.b)
+    manifests = diff.is_manifest(args.a), diff.is_manifest(args.b)
     if manifests[0] != manifests[1]:
         raise TdxError(f"compare an image with an image or a manifest with a manifest: {args.a} is "
                        f"{'a manifest' if manifests[0] else 'an image'}, {args.b} is not")
-    lines = compare.diff_manifests(args.a, args.b) if manifests[0] else compare.diff_images(args.a, args.b)
+    lines = diff.diff_manifests(args.a, args.b) if manifests[0] else diff.diff_images(args.a, args.b)
     for line in lines:
         print(line)
     return 1 if lines else 0
 
 
 def _fetch(args) -> int:
-    from .upstream import sources
+    from ..upstream import sources
 
     cache_dir = args.cache or args.cache_default
     ctx = sources.Context(cache=cache_dir, mirror=args.mirror or None,
@@ -201,7 +201,7 @@ def _fetch(args) -> int:
 
 
 def _cache(args) -> int:
-    from .upstream import cache
+    from ..upstream import cache
 
     cache_dir = args.cache or args.cache_default
     if args.older_than < 0:

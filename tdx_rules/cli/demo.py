@@ -9,10 +9,10 @@ import os
 import subprocess
 import sys
 
-from .boot import boot_tcg
-from .errors import TdxError
+from ..boot import boot_tcg
+from ..errors import TdxError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> int:

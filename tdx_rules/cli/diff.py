@@ -9,9 +9,9 @@ events compared position by position so the first differing event is named.
 import json
 from typing import List
 
-from .errors import TdxError
-from .fsutil import read_json_object
-from .initramfs import archive
+from ..errors import TdxError
+from ..fsutil import read_json_object
+from ..initramfs import archive
 
 FIELDS = ("kind", "mode", "uid", "gid", "size", "target", "rdev", "sha256")
 

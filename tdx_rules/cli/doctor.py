@@ -5,7 +5,7 @@ import importlib.util
 import shutil
 from typing import Callable, List, Optional
 
-from .stages import program
+from ..stages import program
 
 
 @dataclasses.dataclass(frozen=True)
