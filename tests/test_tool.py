@@ -1,43 +1,12 @@
 """The SCons glue: stage code dependencies, aliases, progress lines."""
 
-import ast
 import os
 
 from tdx_rules.scons import tool
 from tests.conftest import scons, stages_run
+from tests.package_graph import closure
 
 PACKAGE = tool.PACKAGE_DIR
-
-
-def local_imports(relpath):
-    """tdx_rules modules imported by a module (relative imports resolved), as package-relative paths."""
-    tree = ast.parse(open(os.path.join(PACKAGE, relpath)).read())
-    here = os.path.dirname(relpath)
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = here
-            for _ in range(node.level - 1):
-                base = os.path.dirname(base)
-            parts = [p for p in (node.module or "").split(".") if p]
-            target = os.path.join(base, *parts)
-            names = [target] if parts else [os.path.join(base, alias.name) for alias in node.names]
-            for name in names:
-                for candidate in (name + ".py", os.path.join(name, "__init__.py")):
-                    if os.path.exists(os.path.join(PACKAGE, candidate)):
-                        found.add(os.path.normpath(candidate))
-    return found
-
-
-def closure(relpath):
-    seen, todo = set(), [relpath]
-    while todo:
-        item = todo.pop()
-        if item in seen:
-            continue
-        seen.add(item)
-        todo.extend(local_imports(item))
-    return seen
 
 
 def test_each_stage_depends_on_all_the_code_it_imports():
@@ -45,6 +14,12 @@ def test_each_stage_depends_on_all_the_code_it_imports():
         declared = set(tool._COMMON) | set(files)
         needed = {p for p in closure(files[0]) if not p.endswith("__init__.py")}
         assert needed <= declared, (stage, sorted(needed - declared))
+
+
+def test_no_stage_declares_code_it_does_not_run():
+    for stage, files in tool.STAGE_CODE.items():
+        modules = {name for name in files if name.endswith(".py")}
+        assert modules <= closure(files[0]), (stage, sorted(modules - closure(files[0])))
 
 
 def test_each_declared_stage_file_exists():
