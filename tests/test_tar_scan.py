@@ -7,7 +7,7 @@ import tarfile
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tdx_rules.errors import TdxError
@@ -35,6 +35,18 @@ def reference(data):
         return [(_tar_member(info), info.offset_data) for info in tar]
 
 
+# The model type of each tar type the strategy writes.
+WRITTEN_TYPE = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink",
+                tarfile.LNKTYPE: "hardlink", tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}
+
+
+def round_trips(members, data) -> bool:
+    """Whether tarfile reads back the types it wrote. It does not, for one, when an old-style
+    ('\\0') file's 100-byte header name is cut just after a '/': the header then reads as a
+    directory, its body as a damaged header, where tarfile silently stops."""
+    return [member.type for member, _ in reference(data)] == [WRITTEN_TYPE[kind] for _, kind, *_ in members]
+
+
 def archive(members, fmt):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt, errors="surrogateescape") as tar:
@@ -57,6 +69,9 @@ def archive(members, fmt):
 
 @settings(max_examples=fuzz_examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(MEMBER, max_size=6), st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+# Found by this test: a GNU long name whose 100-byte header name ends in '/' (see round_trips).
+@example(members=[("0", tarfile.REGTYPE, 0, 0, 0, b"", {}, False),
+                  ("a" * 99 + "/" + "b" * 20, tarfile.AREGTYPE, 0, 0, 0, b"\x01", {}, False)], fmt=tarfile.GNU_FORMAT)
 def test_scan_agrees_with_tarfile_or_leaves_the_archive_to_it(tmp_path_factory, members, fmt):
     try:
         data = archive(members, fmt)
@@ -67,8 +82,8 @@ def test_scan_agrees_with_tarfile_or_leaves_the_archive_to_it(tmp_path_factory, 
     with open(path, "rb") as handle:
         scanned = scan_tar(handle.fileno(), 6, len(data))
     if scanned is None:  # left to tarfile: only for what the scanner does not read itself
-        assert fmt == tarfile.GNU_FORMAT and any(uid >= 0o7777777 or gid >= 0o7777777
-                                                 for _, _, _, uid, gid, *_ in members)
+        assert (fmt == tarfile.GNU_FORMAT and any(uid >= 0o7777777 or gid >= 0o7777777
+                                                  for _, _, _, uid, gid, *_ in members)) or not round_trips(members, data)
         return
     assert scanned == reference(data)
 
