@@ -14,11 +14,12 @@ import tracemalloc
 from urllib.parse import unquote
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tests import debian
-from tdx_rules.upstream.debpkg import DebPackage, extract
 from tdx_rules.errors import TdxError
+from tdx_rules.upstream.debpkg import DebPackage, extract
+from tests import debian
 from tests.conftest import fuzz_examples
 
 CONTROL = """Package: tdx-test

@@ -17,9 +17,9 @@ from urllib.parse import unquote
 
 import pytest
 
-from tdx_rules.upstream import fetch as F
 from tdx_rules.errors import TdxError
 from tdx_rules.fsutil import sha256_file
+from tdx_rules.upstream import fetch as F
 from tests import debian
 from tests.httpserver import http_server  # noqa: F401  (fixture)
 

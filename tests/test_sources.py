@@ -2,8 +2,8 @@
 
 import pytest
 
-from tdx_rules.upstream import sources
 from tdx_rules.errors import TdxError
+from tdx_rules.upstream import sources
 
 
 def test_named_upstreams_expand_to_the_reference_addresses():

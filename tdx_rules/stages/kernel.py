@@ -19,9 +19,9 @@ import struct
 
 import filelock
 
-from ..upstream.debpkg import DebPackage, extract
 from ..errors import TdxError
 from ..fsutil import cache_relative, copy_file, write_json
+from ..upstream.debpkg import DebPackage, extract
 from ..upstream.sources import materialize, parse
 from ._entry import load_config, run
 from .common import context, fetching_stage_arguments, input_record

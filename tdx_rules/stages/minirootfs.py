@@ -10,9 +10,9 @@ import gzip
 import io
 import tarfile
 
-from ..upstream.debpkg import DebPackage
 from ..errors import TdxError
 from ..fsutil import CHUNK, atomic_output, copy_file, write_json
+from ..upstream.debpkg import DebPackage
 from ..upstream.sources import Spec, materialize, parse
 from ._entry import load_config, run
 from .common import context, fetching_stage_arguments, input_record

@@ -5,9 +5,9 @@ Python and its OVMF.fd streamed out; any other spec is the firmware file.
 """
 
 
-from ..upstream.debpkg import DebPackage
 from ..errors import TdxError
 from ..fsutil import CHUNK, atomic_output, copy_file, write_json
+from ..upstream.debpkg import DebPackage
 from ..upstream.sources import materialize, parse
 from ._entry import load_config, run
 from .common import context, fetching_stage_arguments, input_record

@@ -197,8 +197,8 @@ def _alpine(spec: Spec, ctx: Context) -> "Resolved":
 
 def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved]:
     """Fetch and verify the files of ``spec``; return them in a fixed order."""
-    from . import fetch
     from ..fsutil import sha256_file
+    from . import fetch
 
     if spec.kind == "file":
         if not os.path.isfile(spec.path):
