@@ -164,11 +164,13 @@ SETTINGS = (
             "Extra modules: names looked up in the kernel's tree or `.ko` files; colon-separated in the variable."),
     Setting("ovmf", "TDX_IMAGE_OVMF", None, ("ovmf",), _optional_text,
             "Firmware source spec (`canonical-ovmf:`, `apt:ovmf`, `file:`, or a path); default: Canonical's TDX OVMF."),
-    Setting("ovmf_version", "TDX_IMAGE_OVMF_VERSION", "2024.02-3+tdx1.0", ("ovmf", "mrtd", "rtmr1", "rtmr2"), _text,
-            "Version of Canonical's TDX OVMF used when `ovmf` is not set; also the OVMF release of the launch "
-            "profile, so set it to match a firmware given with `ovmf`."),
-    Setting("qemu_version", "TDX_IMAGE_QEMU_VERSION", "8.2", ("mrtd", "rtmr1", "rtmr2"), _text,
-            "QEMU version of the launch profile (MRTD page order, kernel header edit)."),
+    Setting("ovmf_version", "TDX_IMAGE_OVMF_VERSION", None, ("ovmf",), _optional_text,
+            "OVMF release of the launch profile; unset, the version of the firmware package actually used "
+            "(Canonical's TDX OVMF `2024.02-3+tdx1.0` when `ovmf` is not set either). Required for a firmware "
+            "file that is not a package. The measurements and scripts follow the ovmf stage's choice."),
+    Setting("qemu_version", "TDX_IMAGE_QEMU_VERSION", "8.2", ("mrtd", "rtmr1", "rtmr2", "scripts"), _text,
+            "QEMU version the image is launched with: the measurement profile (MRTD page order, kernel header "
+            "edit) and the launch scripts' syntax (Canonical's TDX 8.2 build before 10.1, upstream from 10.1)."),
     Setting("extra_files", "TDX_IMAGE_EXTRA_FILES", {}, ("cpio",), _extra_files,
             "Files to add: {guest path: host path}; the variable takes comma-separated `HOST:GUEST` pairs."),
     Setting("args", None, None, ("init",), _args,

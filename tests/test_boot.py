@@ -1,18 +1,21 @@
 """End to end: examples/hello from Debian parts, booted under QEMU software emulation.
 
 The image is built by a real scons run exactly as the example declares it
-(apt: kernel 6.12, Debian's OVMF, minirootfs='debian'), then booted by
-direct kernel boot and with OVMF as firmware. The serial console must show
-the workload's marker and the loaded vsock and tsm modules.
+(apt: kernel 6.12, Debian's OVMF, minirootfs='debian'), then booted by its own
+launch script and by its self-extracting runner in local mode (TDX=0: OVMF as
+firmware, QEMU under TCG). The serial console must show the workload's marker and
+the loaded vsock and tsm modules.
 """
 
+import json
 import os
 import shutil
 import subprocess
 
 import pytest
 
-from tdx_rules.boot import boot_tcg
+from tdx_rules.boot import boot_image
+from tests import debian
 from tests.conftest import ROOT, scons
 
 pytestmark = pytest.mark.slow
@@ -35,17 +38,25 @@ def assert_guest_ran(console):
     assert "configfs-tsm: " in console
 
 
-def test_direct_kernel_boot_runs_the_workload_with_tdx_modules_loaded(hello_image):
-    console = boot_tcg(os.path.join(hello_image, "hello-vmlinuz"), os.path.join(hello_image, "hello-initramfs.cpio.gz"),
-                       until="HELLO-DONE")
+def test_launch_script_in_local_mode_runs_the_workload_with_tdx_modules_loaded(hello_image):
+    console = boot_image(os.path.join(hello_image, "hello-launch-tdx.sh"), until="HELLO-DONE")
     assert_guest_ran(console)
     assert "[tdx-init] starting /usr/bin/hello" in console
+    assert "TDX=0: image hello starts as an ordinary VM under tcg; its measurements do not apply" in console
 
 
-def test_boot_through_ovmf_firmware_runs_the_workload(hello_image):
-    console = boot_tcg(os.path.join(hello_image, "hello-vmlinuz"), os.path.join(hello_image, "hello-initramfs.cpio.gz"),
-                       ovmf=os.path.join(hello_image, "hello-ovmf.fd"), until="HELLO-DONE", timeout=300)
+def test_self_extracting_runner_in_local_mode_runs_the_workload(hello_image, tmp_path):
+    console = boot_image(os.path.join(hello_image, "hello-run-qemu.sh"), until="HELLO-DONE",
+                         env={"TMPDIR": str(tmp_path)})
     assert_guest_ran(console)
+    assert os.listdir(tmp_path) == [], "the runner left its temporary directory behind"
+
+
+def test_the_profile_takes_the_ovmf_release_of_the_package_the_image_uses(hello_image):
+    # examples/hello says ovmf='apt:ovmf' and no ovmf_version: the host's package decides.
+    manifest = json.load(open(os.path.join(hello_image, "hello-manifest.json")))
+    assert manifest["measurements"]["profile"]["ovmf_version"] == debian.package_version("ovmf")
+    assert manifest["inputs"]["ovmf"][0]["member"] == "usr/share/ovmf/OVMF.fd"
 
 
 def test_self_extracting_runner_unpacks_the_three_files_intact(hello_image, tmp_path):
@@ -62,7 +73,7 @@ def test_self_extracting_runner_unpacks_the_three_files_intact(hello_image, tmp_
         with open(os.path.join(kept[-1], name), "rb") as a, open(os.path.join(hello_image, name), "rb") as b:
             assert a.read() == b.read(), name
     args = (tmp_path / "args").read_text().splitlines()
-    assert "tdx-guest,id=tdx" in " ".join(args) and "1G" in args
+    assert '"qom-type":"tdx-guest"' in " ".join(args) and "1G" in args
     shutil.rmtree(kept[-1])
 
 

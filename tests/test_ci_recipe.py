@@ -29,7 +29,7 @@ def outputs(project) -> dict:
 
 def test_second_checkout_retrieves_every_stage_from_the_shared_cachedir(tmp_path, small_kernel):
     options = (f"minirootfs='debian', kernel='file:{small_kernel['vmlinuz']}', "
-               f"modules_dir={small_kernel['modules_dir']!r}, ovmf='file:/usr/share/ovmf/OVMF.fd', "
+               f"modules_dir={small_kernel['modules_dir']!r}, ovmf='file:/usr/share/ovmf/OVMF.fd', ovmf_version='2022.11', "
                "memory='1G', cmdline='console=ttyS0'")
     setup = "import os\n" + cachedir_line()
     env = {"SCONS_CACHE": str(tmp_path / "scons-cache"), "SOURCE_DATE_EPOCH": "1700000000"}

@@ -27,7 +27,7 @@ def test_two_projects_sharing_a_cache_download_each_file_once(upstream_mirror, t
 def test_parallel_builds_of_several_images_succeed_repeatedly(small_kernel, tmp_path):
     images = "\n".join(
         f"env.TdxImage('img{i}', binary=app, minirootfs='debian', kernel='file:{small_kernel['vmlinuz']}', "
-        f"modules_dir={small_kernel['modules_dir']!r}, ovmf='file:/usr/share/ovmf/OVMF.fd', bundle_runner=False, "
+        f"modules_dir={small_kernel['modules_dir']!r}, ovmf='file:/usr/share/ovmf/OVMF.fd', ovmf_version='2022.11', bundle_runner=False, "
         f"memory='2G', env_vars={{'RUN': OPTS['run']}})" for i in range(3))
     project = write_project(tmp_path / "multi", "minirootfs='debian'",
                             "import json\nOPTS = json.load(open('opts.json'))")

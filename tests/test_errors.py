@@ -137,3 +137,11 @@ def test_a_declaration_error_is_reported_at_the_users_line_not_ours(tmp_path, bu
     assert words in scons_error(result)
     locations = [line for line in result.stderr.splitlines() if line.startswith("File ")]
     assert locations == [f'File "{tmp_path / "sub" / "SConscript"}", line 3, in <module>'], result.stderr
+
+
+def test_a_firmware_file_without_ovmf_version_is_refused_naming_the_option(fast_project):
+    replace_in_sconstruct(fast_project, "ovmf_version='2022.11', ", "")
+    result = scons(fast_project, check=False)
+    error = scons_error(result)
+    assert "ovmf_version" in error and "file:/usr/share/ovmf/OVMF.fd" in error
+    assert stages_run(result) == set()

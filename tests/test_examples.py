@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tdx_rules import elf
-from tdx_rules.boot import boot_tcg
+from tdx_rules.boot import boot_image
 from tdx_rules.stages import program
 from tests.conftest import ROOT, scons, stages_run
 
@@ -41,8 +41,7 @@ def test_rust_example_builds_a_static_binary_and_says_which_target(tmp_path):
     assert run.returncode == 0 and "HELLO-FROM-RUST-IN-TDX" in run.stdout
     out = os.path.join(project, "build", "tdx", "hello-rust")
     assert stages_run(scons(project, "hello-rust")) == set()
-    console = boot_tcg(os.path.join(out, "hello-rust-vmlinuz"), os.path.join(out, "hello-rust-initramfs.cpio.gz"),
-                       until="RUST-DONE", timeout=300)
+    console = boot_image(os.path.join(out, "hello-rust-launch-tdx.sh"), until="RUST-DONE")
     assert "[tdx-init] starting /usr/bin/hello-tdx" in console and "HELLO-FROM-RUST-IN-TDX" in console
 
 
@@ -53,8 +52,7 @@ def test_container_example_boots_and_runs_the_agent_from_the_image(tmp_path):
     out = os.path.join(project, "build", "tdx", "container")
     subprocess.run(["e2fsck", "-fn", os.path.join(project, "build", "rootfs.ext4")], check=True,
                    capture_output=True)
-    console = boot_tcg(os.path.join(out, "container-vmlinuz"), os.path.join(out, "container-initramfs.cpio.gz"),
-                       cmdline="console=ttyS0 panic=-1", rootfs=os.path.join(project, "build", "rootfs.ext4"),
-                       until="AGENT-DONE", timeout=300)
+    console = boot_image(os.path.join(out, "container-launch-tdx.sh"), cmdline="console=ttyS0 panic=-1",
+                         until="AGENT-DONE")
     assert "AGENT-FROM-CONTAINER-ROOTFS" in console
     assert "container file: greetings from the container image's root filesystem" in console

@@ -121,10 +121,19 @@ def test_changed_cmdline_reruns_only_rtmr2_scripts_and_manifest(built):
     assert stages_run(scons(built)) == {"rtmr2", "scripts", "manifest"}
 
 
-def test_changed_qemu_version_reruns_only_the_measurements_and_manifest(built):
+def test_changed_qemu_version_reruns_only_the_measurements_scripts_and_manifest(built):
     result = scons(built, env={"TDX_IMAGE_QEMU_VERSION": "9.2"})
-    assert stages_run(result) == {"mrtd", "rtmr1", "rtmr2", "manifest"}
+    assert stages_run(result) == {"mrtd", "rtmr1", "rtmr2", "scripts", "manifest"}
     out = os.path.join(built, "build", "tdx", "hello")
     manifest = json.load(open(os.path.join(out, "hello-manifest.json")))
     assert manifest["measurements"]["profile"]["mrtd_order"] == "interleaved"
     assert open(os.path.join(out, "hello-mrtd.hex")).read().strip() == manifest["measurements"]["mrtd"]
+
+
+def test_changed_ovmf_version_reruns_the_firmware_stage_and_what_reads_its_profile(built):
+    # The firmware bytes stay the same: only the release the profile names changes.
+    result = scons(built, env={"TDX_IMAGE_OVMF_VERSION": "2025.02"})
+    assert stages_run(result) == {"ovmf", "mrtd", "rtmr1", "rtmr2", "scripts", "manifest"}
+    manifest = json.load(open(os.path.join(built, "build", "tdx", "hello", "hello-manifest.json")))
+    assert manifest["measurements"]["profile"]["ovmf_version"] == "2025.02"
+    assert manifest["measurements"]["profile"]["separator_in_rtmr1"] is True

@@ -78,7 +78,7 @@ def test_wheel_carries_templates_and_the_scons_tool(wheel):
 def test_installed_package_builds_an_image_outside_the_repository(installed, tmp_path, small_kernel):
     outside = os.path.join(tmp_path, "project")
     options = (f"minirootfs='debian', kernel='file:{small_kernel['vmlinuz']}', "
-               f"modules_dir={small_kernel['modules_dir']!r}, ovmf='file:/usr/share/ovmf/OVMF.fd', "
+               f"modules_dir={small_kernel['modules_dir']!r}, ovmf='file:/usr/share/ovmf/OVMF.fd', ovmf_version='2022.11', "
                "cmdline='console=ttyS0'")
     write_project(outside, options)
     env = _clean_env()

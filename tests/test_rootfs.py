@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tdx_rules.boot import boot_tcg
+from tdx_rules.boot import boot_image
 from tests.conftest import ROOT, scons, stages_run
 from tests.oci_fixtures import LAYERS, F, write_oci
 
@@ -104,8 +104,7 @@ def test_image_boots_from_the_ext4_disk_and_runs_the_agent(tmp_path):
                      "cmdline='console=ttyS0 panic=-1')\n")
     scons(project)
     out = os.path.join(project, "build", "tdx", "withdisk")
-    console = boot_tcg(os.path.join(out, "withdisk-vmlinuz"), os.path.join(out, "withdisk-initramfs.cpio.gz"),
-                       rootfs=os.path.join(project, "rootfs.ext4"), until="HELLO-DONE")
+    console = boot_image(os.path.join(out, "withdisk-launch-tdx.sh"), until="HELLO-DONE")
     assert "root filesystem /dev/vda mounted" in console, console[-3000:]
     assert "[tdx-init] starting /sbin/vm-agent" in console
     assert "HELLO-FROM-TDX-GUEST" in console and "HELLO-DONE" in console

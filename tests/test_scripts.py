@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tdx_rules.errors import TdxError
-from tests.conftest import fuzz_examples
 from tdx_rules.stages import scripts as scripts_stage
+from tests.conftest import fuzz_examples
 
 BUSYBOX = "/bin/busybox"
 CMDLINE = "console=ttyS0 ip=dhcp msg=\"two words\" it's 'single' $HOME `x` *"
@@ -79,17 +79,18 @@ def run_script(command, recorder, tmp_path, env=None, args=(), cwd=None):
     return done, argv
 
 
+# The TD part of the default command line (qemu_version 8.2: Canonical's TDX build, whose documented
+# command line is checked in tests/test_launch.py).
+TD_OBJECT = ('{"qom-type":"tdx-guest","id":"tdx","sept-ve-disable":true,'
+             '"quote-generation-socket":{"type":"vsock","cid":"2","port":"4050"}}')
+
+
 def expected(directory, memory="4G", cpus="4", port="2222", cid="3", cmdline=CMDLINE, kernel=None, extra=(),
              guest_port="22"):
     netdev = "user,id=net0" + (f",hostfwd=tcp::{port}-:{guest_port}" if port else "")
     argv = [
-        "-accel", "kvm",
-        "-object", "tdx-guest,id=tdx",
-        "-machine", "q35,kernel_irqchip=split,confidential-guest-support=tdx,hpet=off",
-        "-cpu", "host",
         "-smp", cpus,
         "-m", memory,
-        "-bios", os.path.join(directory, "OVMF.fd"),
         "-kernel", kernel or os.path.join(directory, "vmlinuz"),
         "-initrd", os.path.join(directory, "initrd.img"),
         "-append", cmdline,
@@ -98,6 +99,11 @@ def expected(directory, memory="4G", cpus="4", port="2222", cid="3", cmdline=CMD
         "-serial", "mon:stdio",
         "-netdev", netdev,
         "-device", "virtio-net-pci,netdev=net0",
+        "-accel", "kvm",
+        "-object", TD_OBJECT,
+        "-machine", "q35,kernel_irqchip=split,confidential-guest-support=tdx,hpet=off",
+        "-cpu", "host,-pks,pmu=off",
+        "-bios", os.path.join(directory, "OVMF.fd"),
     ]
     if cid:
         argv += ["-device", f"vhost-vsock-pci,guest-cid={cid}"]
@@ -368,9 +374,11 @@ def test_bundle_runner_off(tmp_path, inputs):
 def cli(tmp_path, inputs, cfg, *extra):
     path = tmp_path / "scripts.json"
     path.write_text(json.dumps(cfg))
+    profile = tmp_path / "ovmf.profile.json"
+    profile.write_text(json.dumps({"ovmf_version": "2022.11", "firmware": "OVMF.fd", "tdx_only": False}))
     return subprocess.run([sys.executable, "-m", "tdx_rules.stages.scripts", "--config", str(path),
                            "--ovmf", inputs["ovmf"], "--kernel", inputs["kernel"], "--initrd", inputs["initrd"],
-                           *extra], capture_output=True, text=True)
+                           "--ovmf-profile", str(profile), *extra], capture_output=True, text=True)
 
 
 def test_cli(tmp_path, inputs):

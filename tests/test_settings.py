@@ -27,7 +27,7 @@ def test_every_option_of_the_issue_has_its_variable_and_reference_default():
         "modules_dir": ("TDX_IMAGE_KERNEL_MODULES_DIR", None),
         "kernel_modules": ("TDX_IMAGE_KERNEL_MODULES", []),
         "ovmf": ("TDX_IMAGE_OVMF", None),
-        "ovmf_version": ("TDX_IMAGE_OVMF_VERSION", "2024.02-3+tdx1.0"),
+        "ovmf_version": ("TDX_IMAGE_OVMF_VERSION", None),
         "extra_files": ("TDX_IMAGE_EXTRA_FILES", {}),
         "cpus": (None, 4),
         "memory": (None, "4G"),
@@ -69,8 +69,11 @@ def test_bad_options_are_refused_with_one_line(options, message):
 
 def test_each_stage_reads_only_its_settings():
     values = settings.resolve({}, {})
-    assert set(settings.for_stage(values, "scripts")) == {"ssh_forward", "cpus", "memory", "cmdline", "bundle_runner"}
-    assert set(settings.for_stage(values, "mrtd")) == {"qemu_version", "ovmf_version"}
-    assert set(settings.for_stage(values, "rtmr1")) == {"qemu_version", "ovmf_version", "memory"}
-    assert set(settings.for_stage(values, "rtmr2")) == {"qemu_version", "ovmf_version", "cmdline"}
+    assert set(settings.for_stage(values, "scripts")) == {"ssh_forward", "cpus", "memory", "cmdline", "bundle_runner",
+                                                          "qemu_version"}
+    # The OVMF release reaches the measurements through the ovmf stage's profile file.
+    assert set(settings.for_stage(values, "ovmf")) == {"ovmf", "ovmf_version"}
+    assert set(settings.for_stage(values, "mrtd")) == {"qemu_version"}
+    assert set(settings.for_stage(values, "rtmr1")) == {"qemu_version", "memory"}
+    assert set(settings.for_stage(values, "rtmr2")) == {"qemu_version", "cmdline"}
     assert set(settings.for_stage(values, "init")) == {"args", "env_vars", "ssh_keys"}

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from ..boot import boot_tcg
+from ..boot import boot_image
 from ..errors import TdxError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,16 +22,16 @@ def main() -> int:
     if result.returncode:
         return result.returncode
     out = os.path.join(example, "build", "tdx", "hello")
-    print("[demo] booting under qemu-system-x86_64 -accel tcg (software emulation, about 10 s)")
+    print("[demo] booting with TDX=0 ACCEL=tcg build/tdx/hello/hello-launch-tdx.sh (an ordinary VM under software "
+          "emulation, about 10 s)")
     try:
-        console = boot_tcg(os.path.join(out, "hello-vmlinuz"), os.path.join(out, "hello-initramfs.cpio.gz"),
-                           until="HELLO-DONE")
+        console = boot_image(os.path.join(out, "hello-launch-tdx.sh"), until="HELLO-DONE")
     except TdxError as error:
         print(f"[demo] {error}", file=sys.stderr)
         return 1
     print("[demo] guest output:")
     for line in console.splitlines():
-        if line.startswith(("[tdx-init]", "HELLO", "configfs-tsm", "module loaded", "arg[")):
+        if line.startswith(("[tdx-init]", "HELLO", "configfs-tsm", "module loaded", "arg[")) or "TDX=0:" in line:
             print("    " + line)
     print("[demo] artifacts:")
     for name in sorted(os.listdir(out)):

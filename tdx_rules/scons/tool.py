@@ -45,9 +45,10 @@ STAGE_CODE = {
     "init": ("stages/init.py", "initramfs/newc.py", "render.py", "templates/init.sh.j2", "templates/udhcpc.sh"),
     "cpio": ("stages/cpio.py", "initramfs/newc.py", "elf.py"),
     "compress": ("stages/compress.py", "initramfs/pgzip.py"),
-    "ovmf": ("stages/ovmf.py",) + _FETCHING,
-    "scripts": ("stages/scripts.py", "render.py", "settings.py", "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
-    "manifest": ("stages/manifest.py",),
+    "ovmf": ("stages/ovmf.py", "measure/profiles.py") + _FETCHING,
+    "scripts": ("stages/scripts.py", "render.py", "settings.py", "measure/launch.py", "measure/profiles.py",
+                "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
+    "manifest": ("stages/manifest.py", "measure/launch.py", "measure/profiles.py"),
     "rootfs": ("stages/rootfs.py", "rootfs/formats.py", "rootfs/layers.py", "rootfs/tarscan.py", "rootfs/member.py",
                "rootfs/tree.py", "rootfs/ext4.py", "rootfs/ext4_writer.py"),
     "pack": ("initramfs/pack.py", "initramfs/pgzip.py", "initramfs/newc.py"),
@@ -397,32 +398,42 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
                     f"{_python('compress')} --size-file ${{TARGETS[1]}} $SOURCE ${{TARGETS[0]}}")
 
     # firmware
-    spec, deps = _spec_inputs(env, values["ovmf"] or sources.canonical_ovmf_spec(values["ovmf_version"]), "ovmf")
-    cfg = _config(env, work, "ovmf", {"spec": spec})
-    ovmf = _stage(env, "ovmf", name, [out.File(f"{name}-ovmf.fd"), work.File("ovmf.info.json")], [cfg] + deps,
-                  f"{_python('ovmf')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} --info ${{TARGETS[1]}} {_CACHE_ARGS}")
-    stage_targets["ovmf"] = ovmf
-
-    # measurements
     from ..measure.kernel_patch import vga_word
-    from ..measure.profiles import profile_for
+    from ..measure.profiles import DEFAULT_OVMF_VERSION, parse_ovmf_version, parse_qemu_version
 
     try:
-        profile_for(values["qemu_version"], values["ovmf_version"])
+        parse_qemu_version(values["qemu_version"])
+        if values["ovmf_version"] is not None:
+            parse_ovmf_version(values["ovmf_version"])
     except TdxError as error:
         _user_error(where, error)
+    spec, deps = _spec_inputs(env, values["ovmf"] or sources.canonical_ovmf_spec(values["ovmf_version"]
+                                                                                 or DEFAULT_OVMF_VERSION), "ovmf")
+    if spec.startswith("file:") and not spec.endswith(".deb") and values["ovmf_version"] is None:
+        _user_error(where, TdxError(f"ovmf {spec}: a firmware file carries no package version, so the launch "
+                                    "profile cannot follow it; set ovmf_version (or TDX_IMAGE_OVMF_VERSION) to the "
+                                    "edk2 release it is built from, e.g. '2024.02'"))
+    cfg = config("ovmf", spec=spec)
+    ovmf = _stage(env, "ovmf", name, [out.File(f"{name}-ovmf.fd"), work.File("ovmf.info.json"),
+                                      work.File("ovmf.profile.json")], [cfg] + deps,
+                  f"{_python('ovmf')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} --info ${{TARGETS[1]}} "
+                  f"--profile ${{TARGETS[2]}} {_CACHE_ARGS}")
+    stage_targets["ovmf"] = ovmf[:2]
+    ovmf_profile = ovmf[2]
+
+    # measurements: the OVMF release of the profile comes from the firmware actually used
     measured = {}
     for register, source, computed in (("mrtd", ovmf[0], {}),
                                        ("rtmr1", kernel[0], {"vga": vga_word(values["cmdline"])}),
                                        ("rtmr2", initrd[0], {})):
         cfg = config(register, **computed)
         size = [initrd[1]] if register == "rtmr1" else []
-        size_arg = " --initrd-size-file ${SOURCES[2]}" if size else ""
+        size_arg = " --initrd-size-file ${SOURCES[3]}" if size else ""
         measured[register] = _stage(
             env, register, name, [out.File(f"{name}-{register}.hex"), work.File(f"{register}.json")],
-            [cfg, source] + size,
-            f"{_python('measure')} {register} --config ${{SOURCES[0]}} --input ${{SOURCES[1]}}{size_arg} "
-            f"--out ${{TARGETS[0]}} --transcript ${{TARGETS[1]}}")
+            [cfg, source, ovmf_profile] + size,
+            f"{_python('measure')} {register} --config ${{SOURCES[0]}} --input ${{SOURCES[1]}} "
+            f"--ovmf-profile ${{SOURCES[2]}}{size_arg} --out ${{TARGETS[0]}} --transcript ${{TARGETS[1]}}")
     stage_targets["measure"] = [measured[r][0] for r in ("mrtd", "rtmr1", "rtmr2")]
 
     # scripts
@@ -432,11 +443,13 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
     if values["bundle_runner"]:
         script_targets.append(out.File(f"{name}-run-qemu.sh"))
         runner = " --runner ${TARGETS[1]}"
-    rootfs_arg = " --rootfs ${SOURCES[4]}" if rootfs_node is not None else ""
+    rootfs_arg = " --rootfs ${SOURCES[5]}" if rootfs_node is not None else ""
     scripts = _stage(env, "scripts", name, script_targets,
-                     [cfg, ovmf[0], kernel[0], initrd[0]] + ([rootfs_node] if rootfs_node is not None else []),
+                     [cfg, ovmf[0], kernel[0], initrd[0], ovmf_profile]
+                     + ([rootfs_node] if rootfs_node is not None else []),
                      f"{_python('scripts')} --config ${{SOURCES[0]}} --ovmf ${{SOURCES[1]}} --kernel ${{SOURCES[2]}} "
-                     f"--initrd ${{SOURCES[3]}}{rootfs_arg} --launch ${{TARGETS[0]}}{runner}")
+                     f"--initrd ${{SOURCES[3]}} --ovmf-profile ${{SOURCES[4]}}{rootfs_arg} "
+                     f"--launch ${{TARGETS[0]}}{runner}")
 
     # manifest
     finals = [initrd[0], kernel[0], ovmf[0]] + list(scripts) + [measured[r][0] for r in ("mrtd", "rtmr1", "rtmr2")]

@@ -6,12 +6,15 @@ import os
 from ..upstream.sources import Context, Resolved
 
 
-def fetching_stage_arguments(prog: str, argv):
-    """The arguments every fetching stage takes: its config, output, info record, cache and mirror."""
+def fetching_stage_arguments(prog: str, argv, extra_outputs=()):
+    """The arguments every fetching stage takes: its config, output, info record, cache and mirror
+    (and the options of ``extra_outputs``, each a further required output file)."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--info", required=True)
+    for option in extra_outputs:
+        parser.add_argument(option, required=True)
     parser.add_argument("--cache", required=True, help="download cache directory")
     parser.add_argument("--mirror", default="", help="mirror prefix for upstream URLs")
     return parser.parse_args(argv)

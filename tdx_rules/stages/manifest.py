@@ -1,7 +1,8 @@
 """Finalize: ``<name>-manifest.json``, every input (spec, file, sha256) and every output.
 
 Paths in the manifest are file names relative to the image directory; no
-build path of this machine appears in it.
+build path of this machine appears in it. ``launch`` states what the launch scripts ask
+of the TD (QEMU generation, TD attributes, where XFAM comes from), for the verifier.
 """
 
 import argparse
@@ -9,6 +10,7 @@ import json
 import os
 
 from ..fsutil import sha256_file, write_json
+from ..measure.launch import launch_for, manifest_record
 from ._entry import load_config, run
 
 
@@ -46,6 +48,8 @@ def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=()
         "outputs": [{"path": os.path.basename(p), "sha256": sha256_file(p), "size": os.path.getsize(p)}
                     for p in sorted(outputs, key=os.path.basename)],
     }
+    if "qemu_version" in config["settings"]:
+        manifest["launch"] = manifest_record(launch_for(config["settings"]["qemu_version"]))
     if transcripts:
         manifest["measurements"] = _measurements(transcripts)
     write_json(out, manifest)

@@ -8,19 +8,21 @@ Three independent targets, so each reruns only when its inputs change:
   of a kernel that loads high) and the profile;
 - ``rtmr2``: the command line, the initramfs bytes and the profile.
 
-Each writes ``<name>-<register>.hex`` and a JSON transcript with every event.
+Each writes ``<name>-<register>.hex`` and a JSON transcript with every event. The profile's
+QEMU version comes from the config; its OVMF release from the ovmf stage's
+``ovmf.profile.json`` (the firmware actually used, or ``ovmf_version`` when set).
 """
 
 import argparse
 import dataclasses
 
-from ..fsutil import atomic_output, write_json
+from ..fsutil import atomic_output, read_json_object, write_json
 from ..measure import mrtd, profiles, rtmr
 from ._entry import load_config, run
 
 
 def _profile(config):
-    return profiles.profile_for(config["qemu_version"], config["ovmf_version"])
+    return profiles.profile_for(config["qemu_version"], config["ovmf_profile"]["ovmf_version"])
 
 
 def _write(value: str, out: str, transcript: str, data: dict) -> None:
@@ -60,11 +62,13 @@ def main(argv):
     parser.add_argument("register", choices=("mrtd", "rtmr1", "rtmr2"))
     parser.add_argument("--config", required=True)
     parser.add_argument("--input", required=True, help="firmware (mrtd), kernel (rtmr1) or initramfs (rtmr2)")
+    parser.add_argument("--ovmf-profile", required=True, help="the ovmf stage's ovmf.profile.json")
     parser.add_argument("--initrd-size-file", help="rtmr1: file holding the initramfs size in bytes")
     parser.add_argument("--out", required=True)
     parser.add_argument("--transcript", required=True)
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    config = dict(load_config(args.config), ovmf_profile=read_json_object(
+        args.ovmf_profile, "ovmf profile", "rebuild the image (scons)"))
     if args.register == "mrtd":
         measure_mrtd(config, args.input, args.out, args.transcript)
     elif args.register == "rtmr1":

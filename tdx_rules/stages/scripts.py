@@ -1,11 +1,13 @@
 """Scripts stage: ``launch-tdx.sh`` and the self-extracting ``run-qemu.sh``.
 
 ``python -m tdx_rules.stages.scripts --config C.json --ovmf F --kernel K --initrd I
---launch OUT.sh [--runner OUT-run-qemu.sh]``
+--ovmf-profile P.json --launch OUT.sh [--runner OUT-run-qemu.sh]``
 
 CONFIG keys: ``name``, ``memory`` ("4G"), ``cpus`` (int), ``cmdline``,
 ``ssh_forward`` ([host port, guest port] or null), ``bundle_runner`` (bool;
-``--runner`` is given exactly when it is true).
+``--runner`` is given exactly when it is true), ``qemu_version`` (the TD syntax:
+:func:`tdx_rules.measure.launch.launch_for`). The ovmf stage's profile says whether
+the firmware starts only inside a trust domain (then ``TDX=0`` boots without it).
 
 Only the file names of the firmware, kernel and initramfs go into the
 scripts: the launch script finds them beside itself, the runner carries them
@@ -18,7 +20,8 @@ import stat
 import tarfile
 
 from ..errors import TdxError
-from ..fsutil import atomic_output
+from ..fsutil import atomic_output, read_json_object
+from ..measure.launch import QGS_CID, QGS_PORT, launch_for
 from ..render import check_text, render
 from ..settings import BY_NAME
 from ._entry import load_config, run
@@ -43,6 +46,7 @@ def check_config(config) -> dict:
         "cmdline": cmdline,
         "ssh_forward": BY_NAME["ssh_forward"].parse("ssh_forward", config.get("ssh_forward")),
         "bundle_runner": BY_NAME["bundle_runner"].parse("bundle_runner", config.get("bundle_runner", True)),
+        "launch": launch_for(BY_NAME["qemu_version"].parse("qemu_version", config.get("qemu_version", BY_NAME["qemu_version"].default))),
     }
 
 
@@ -69,9 +73,9 @@ def _inputs(ovmf, kernel, initrd, rootfs=None) -> dict:
     return inputs
 
 
-def _context(settings: dict, inputs: dict) -> dict:
-    context = {key: settings[key] for key in ("name", "memory", "cpus", "cmdline", "ssh_forward")}
-    context["rootfs"] = None
+def _context(settings: dict, inputs: dict, tdx_only_firmware: bool = False) -> dict:
+    context = {key: settings[key] for key in ("name", "memory", "cpus", "cmdline", "ssh_forward", "launch")}
+    context.update(rootfs=None, qgs_cid=QGS_CID, qgs_port=QGS_PORT, tdx_only_firmware=tdx_only_firmware)
     context.update({role: base for role, (_, base) in inputs.items()})
     return context
 
@@ -104,10 +108,13 @@ def write_payload(out, inputs: dict) -> None:
                     raise TdxError(f"{path}: {error}: the file changed while it was bundled; rebuild") from None
 
 
-def build_scripts(config: dict, ovmf, kernel, initrd, out_launch, out_runner=None, rootfs=None) -> None:
+def build_scripts(config: dict, ovmf, kernel, initrd, out_launch, out_runner=None, rootfs=None,
+                  tdx_only_firmware: bool = False) -> None:
     """Write the launch script and, when ``bundle_runner`` is on, the self-extracting runner.
 
-    ``rootfs``: an ext4 image attached as a virtio disk (the image's init mounts it).
+    ``rootfs``: an ext4 image attached as a virtio disk (the image's init mounts it); the launch
+    script names it relative to itself, the runner carries it.
+    ``tdx_only_firmware``: the firmware starts only inside a trust domain.
     """
     settings = check_config(config)
     if settings["bundle_runner"] and out_runner is None:
@@ -115,9 +122,13 @@ def build_scripts(config: dict, ovmf, kernel, initrd, out_launch, out_runner=Non
     if not settings["bundle_runner"] and out_runner is not None:
         raise TdxError("bundle_runner is off but a runner output was given: drop --runner or turn bundle_runner on")
     inputs = _inputs(ovmf, kernel, initrd, rootfs)
-    context = _context(settings, inputs)
+    context = _context(settings, inputs, tdx_only_firmware)
 
-    launch = render("launch-tdx.sh.j2", **context).encode("utf-8")
+    launch_context = dict(context)
+    if "rootfs" in inputs:  # the disk stays where TdxExt4Rootfs wrote it: found relative to the script
+        launch_context["rootfs"] = os.path.relpath(os.path.abspath(inputs["rootfs"][0]),
+                                                   os.path.dirname(os.path.abspath(out_launch)))
+    launch = render("launch-tdx.sh.j2", **launch_context).encode("utf-8")
     with atomic_output(out_launch) as out:
         out.write(launch)
     os.chmod(out_launch, 0o755)
@@ -137,12 +148,14 @@ def main(argv) -> None:
     parser.add_argument("--ovmf", required=True, help="TDX firmware file")
     parser.add_argument("--kernel", required=True, help="kernel file")
     parser.add_argument("--initrd", required=True, help="initramfs file")
+    parser.add_argument("--ovmf-profile", required=True, help="the ovmf stage's ovmf.profile.json")
     parser.add_argument("--rootfs", help="ext4 root filesystem attached as a virtio disk")
     parser.add_argument("--launch", required=True, help="output: launch-tdx.sh")
     parser.add_argument("--runner", help="output: self-extracting run-qemu.sh (only with bundle_runner)")
     options = parser.parse_args(argv)
+    profile = read_json_object(options.ovmf_profile, "ovmf profile", "rebuild the image (scons)")
     build_scripts(load_config(options.config), options.ovmf, options.kernel, options.initrd,
-                  options.launch, options.runner, options.rootfs)
+                  options.launch, options.runner, options.rootfs, bool(profile.get("tdx_only")))
 
 
 if __name__ == "__main__":
