@@ -3,11 +3,13 @@
 Subcommands: ``measure`` (the MRTD, RTMR[1], RTMR[2] a TD will report), ``pack`` (a
 deterministic initramfs from a directory), ``inspect`` (list an initramfs), ``diff`` (what
 differs between two images or two manifests), ``fetch`` (fill the download cache),
-``cache`` (list or clean it) and ``doctor`` (check the host's tools).
+``cache`` (list or clean it), ``doctor`` (check the host's tools), ``quote`` (what a TDX quote
+says) and ``verify`` (a TD's quote and event log against its manifest).
 
 Exit status: 0 on success; 1 on bad input (one ``tdx-rules: error:`` line on stderr);
 2 on bad usage.  ``diff``: 0 when the inputs are the same, 1 when they differ, 2 on
-bad input or usage (as diff(1)).  ``doctor``: 1 when a required tool is missing.
+bad input or usage (as diff(1)); ``verify`` likewise (1: something differs or fails).
+``doctor``: 1 when a required tool is missing.
 """
 
 import argparse
@@ -132,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="clean: only entries not modified for DAYS days (default: all)")
 
     _command(commands, "doctor", "check the host for the tools the rules use", DOCTOR_EXAMPLE)
+
+    from . import attest
+
+    attest.add_quote_arguments(_command(commands, "quote", attest.QUOTE_HELP, attest.QUOTE_EPILOG))
+    attest.add_verify_arguments(_command(commands, "verify", attest.VERIFY_HELP, attest.VERIFY_EPILOG))
     parser.set_defaults(cache_default=settings.default_cache_dir())
     return parser
 
@@ -227,8 +234,20 @@ def _doctor(args) -> int:
     return 1 if doctor.missing_required(results) else 0
 
 
+def _quote(args) -> int:
+    from . import attest
+
+    return attest.run_quote(args)
+
+
+def _verify(args) -> int:
+    from . import attest
+
+    return attest.run_verify(args)
+
+
 COMMANDS = {"measure": _print_measure, "pack": _pack, "inspect": _inspect, "diff": _diff, "fetch": _fetch,
-            "cache": _cache, "doctor": _doctor}
+            "cache": _cache, "doctor": _doctor, "quote": _quote, "verify": _verify}
 
 
 def main(argv=None) -> int:
@@ -237,7 +256,7 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except TdxError as error:
         print(ERROR_PREFIX + str(error), file=sys.stderr)
-        return 2 if args.command == "diff" else 1
+        return 2 if args.command in ("diff", "verify") else 1
     except BrokenPipeError:  # `tdx-rules inspect x | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -34,7 +34,7 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # left out: they hold only a docstring (tests/test_layout.py).
 _COMMON = ("errors.py", "fsutil.py", "stages/_entry.py")
 _FETCHING = ("stages/common.py", "upstream/sources.py", "upstream/fetch.py", "upstream/debpkg.py")
-_MEASURING = ("stages/measure.py", "measure/profiles.py", "measure/rtmr.py",
+_MEASURING = ("stages/measure.py", "measure/profiles.py", "measure/rtmr.py", "measure/rtmr0.py",
               "measure/mrtd.py", "measure/tdvf.py", "measure/pe.py", "measure/kernel_patch.py")
 STAGE_CODE = {
     "program": ("stages/program.py", "elf.py"),

@@ -24,6 +24,7 @@ def _measurements(transcripts) -> dict:
         result["profile"] = data["profile"]
         if data["register"] == "mrtd":
             result["mrtd_sections"] = data["sections"]
+            result["rtmr0_firmware"] = data.get("rtmr0_firmware", [])
         result["events"] += data.get("events", [])
     return result
 

@@ -2,7 +2,8 @@
 
 Three independent targets, so each reruns only when its inputs change:
 
-- ``mrtd``: the firmware and the launch profile;
+- ``mrtd``: the firmware and the launch profile (its transcript also holds the RTMR[0] events
+  that depend only on the firmware: :mod:`tdx_rules.measure.rtmr0`);
 - ``rtmr1``: the kernel, the initramfs *size*, the memory size, the ``vga=``
   word of the command line (the only part QEMU writes into the setup header
   of a kernel that loads high) and the profile;
@@ -17,7 +18,7 @@ import argparse
 import dataclasses
 
 from ..fsutil import atomic_output, read_json_object, write_json
-from ..measure import mrtd, profiles, rtmr
+from ..measure import mrtd, profiles, rtmr, rtmr0
 from ._entry import load_config, run
 
 
@@ -40,7 +41,8 @@ def measure_mrtd(config, ovmf, out, transcript):
     profile = _profile(config)
     result = mrtd.compute_mrtd(ovmf, profile.mrtd_order)
     _write(result.mrtd, out, transcript, {"register": "mrtd", "profile": dataclasses.asdict(profile),
-                                          "sections": result.transcript})
+                                          "sections": result.transcript,
+                                          "rtmr0_firmware": rtmr0.firmware_events(ovmf)})
 
 
 def measure_rtmr1(config, kernel, initrd_size, out, transcript):
