@@ -37,14 +37,20 @@ def stages_run(result) -> set:
 
 @pytest.fixture(scope="session")
 def small_kernel(tmp_path_factory):
-    """The Debian 6.12 kernel plus a modules tree holding only the TDX-related directories."""
+    """The Debian 6.12 kernel plus a modules tree holding only the TDX-related directories and
+    those a root filesystem disk needs (virtio block, ext4, device-mapper, overlayfs, crc32c)."""
     tree = debian.kernel_tree()
     release = debian.kernel_release()
     out = tmp_path_factory.mktemp("kernel")
     src = os.path.join(tree, "lib", "modules", release)
     dst = os.path.join(out, "modules", "lib", "modules", release)
-    for sub in ("kernel/fs/configfs", "kernel/drivers/virt", "kernel/net/vmw_vsock", "kernel/drivers/virtio"):
+    for sub in ("kernel/fs/configfs", "kernel/drivers/virt", "kernel/net/vmw_vsock", "kernel/drivers/virtio",
+                "kernel/drivers/block", "kernel/drivers/md", "kernel/fs/ext4", "kernel/fs/jbd2", "kernel/fs/overlayfs",
+                "kernel/crypto", "kernel/lib"):
         shutil.copytree(os.path.join(src, sub), os.path.join(dst, sub))
+    for name in ("kernel/fs/mbcache.ko.xz",):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
     for name in ("modules.builtin", "modules.order"):
         if os.path.exists(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), dst)

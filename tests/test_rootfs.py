@@ -99,7 +99,7 @@ def test_missing_blob_is_one_scons_line_and_no_image(tmp_path):
 def test_image_boots_from_the_ext4_disk_and_runs_the_agent(tmp_path):
     project = rootfs_project(tmp_path / "p")
     with open(os.path.join(project, "SConstruct"), "a") as handle:
-        handle.write("env.TdxImage('withdisk', rootfs=rootfs, minirootfs='debian', "
+        handle.write("env.TdxImage('withdisk', rootfs=rootfs, unmeasured_rootfs=True, minirootfs='debian', "
                      "kernel='apt:linux-image-6.12-amd64', ovmf='apt:ovmf', memory='1G', "
                      "cmdline='console=ttyS0 panic=-1')\n")
     scons(project)

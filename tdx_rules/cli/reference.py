@@ -36,7 +36,12 @@ BUILDERS = (
         "env.TdxImage('hello', binary=app, memory='4G', cmdline='console=ttyS0')",
         {"name": "Image name: the output directory, the file prefix and the alias.",
          "binary": "The workload: a node of TdxStaticProgram or a static executable file.",
-         "rootfs": "A node of TdxExt4Rootfs: attached as a virtio disk; the init mounts it and runs its agent.",
+         "rootfs": "A node of TdxExt4Rootfs: attached as a virtio disk; the init mounts it and runs its agent. "
+                   "Built with `verity=True`, its hash tree is a second disk and its root hash, salt and block "
+                   "count are one `tdx.verity=` word of the measured command line: the init opens it through "
+                   "dm-verity, read-only with a tmpfs overlay, or powers off.",
+         "unmeasured_rootfs": "Accept a rootfs without dm-verity, which no measurement covers (refused "
+                              "otherwise).",
          "output_dir": "Where the outputs go (default `build/tdx/<name>/`)."},
         ("`<name>-initramfs.cpio.gz`: the initramfs", "`<name>-vmlinuz`: the kernel", "`<name>-ovmf.fd`: the firmware",
          "`<name>-mrtd.hex`, `<name>-rtmr1.hex`, `<name>-rtmr2.hex`: the expected measurements",
@@ -67,8 +72,12 @@ BUILDERS = (
          "agent": "A file or a node of TdxStaticProgram, written at agent_path with mode 0755.",
          "agent_path": "Where the agent goes in the image.",
          "size": "`'auto'` (content + 20 %, at least 16 MiB more) or a size like `'512M'`; too small fails "
-                 "naming the size needed."},
-        ("the ext4 image at `target` (block size 4096, 256-byte inodes, UUID and hash seed from the content)",)),
+                 "naming the size needed.",
+         "verity": "`True` (SHA-256) or `'sha512'`: also write the dm-verity hash tree in veritysetup's format "
+                   "(salt derived from the content) and its root hash."},
+        ("the ext4 image at `target` (block size 4096, 256-byte inodes, UUID and hash seed from the content)",
+         "with `verity`: `<target>.verity` (the hash tree: version-1 superblock, 4096-byte blocks) and "
+         "`<target>.roothash` (one hex line)")),
     BuilderDoc(
         "TdxPack", "tdx_pack",
         "A deterministic initramfs of a directory you assemble yourself (the code path of `tdx-rules pack`).",

@@ -35,7 +35,7 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _COMMON = ("errors.py", "fsutil.py", "stages/_entry.py")
 _FETCHING = ("stages/common.py", "upstream/sources.py", "upstream/fetch.py", "upstream/debpkg.py")
 _MEASURING = ("stages/measure.py", "measure/profiles.py", "measure/rtmr.py", "measure/rtmr0.py",
-              "measure/mrtd.py", "measure/tdvf.py", "measure/pe.py", "measure/kernel_patch.py")
+              "measure/mrtd.py", "measure/tdvf.py", "measure/pe.py", "measure/kernel_patch.py", "rootfs/verity.py")
 STAGE_CODE = {
     "program": ("stages/program.py", "elf.py"),
     "minirootfs": ("stages/minirootfs.py",) + _FETCHING,
@@ -47,9 +47,10 @@ STAGE_CODE = {
     "compress": ("stages/compress.py", "initramfs/pgzip.py"),
     "ovmf": ("stages/ovmf.py", "measure/profiles.py") + _FETCHING,
     "scripts": ("stages/scripts.py", "render.py", "settings.py", "measure/launch.py", "measure/profiles.py",
+                "rootfs/verity.py",
                 "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
-    "manifest": ("stages/manifest.py", "measure/launch.py", "measure/profiles.py"),
-    "rootfs": ("stages/rootfs.py", "rootfs/formats.py", "rootfs/layers.py", "rootfs/tarscan.py", "rootfs/member.py",
+    "manifest": ("stages/manifest.py", "measure/launch.py", "measure/profiles.py", "rootfs/verity.py"),
+    "rootfs": ("stages/rootfs.py", "rootfs/verity.py", "rootfs/formats.py", "rootfs/layers.py", "rootfs/tarscan.py", "rootfs/member.py",
                "rootfs/tree.py", "rootfs/ext4.py", "rootfs/ext4_writer.py"),
     "pack": ("initramfs/pack.py", "initramfs/pgzip.py", "initramfs/newc.py"),
     "mrtd": _MEASURING,
@@ -66,6 +67,10 @@ _RUST_ENV = ("PATH", "HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN")
 ROOTFS_DEVICE = "/dev/vda"
 # ext4 needs a crc32c implementation (a soft dependency, by alias, that modinfo does not resolve).
 ROOTFS_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
+# A dm-verity root filesystem: the hash tree on a second virtio disk, device-mapper, overlayfs
+# for a writable layer on top.
+VERITY_HASH_DEVICE = "/dev/vdb"
+VERITY_MODULES = ("dm_mod", "dm_verity", "overlay")
 
 
 class _StageAction(SCons.Action.CommandAction):
@@ -223,13 +228,21 @@ def tdx_static_program(env, target, source=None, bin=None):
     return _stage(env, "program", os.path.basename(target), [target], deps, command)
 
 
-def tdx_ext4_rootfs(env, target, source, agent=None, agent_path=AGENT_PATH, size="auto"):
+def tdx_ext4_rootfs(env, target, source, agent=None, agent_path=AGENT_PATH, size="auto", verity=False):
     """An ext4 root filesystem from a container image with ``agent`` injected at ``agent_path``.
 
     ``source``: an OCI image layout directory, a ``docker save`` tarball or a
     Docker overlay2 layer directory (its lower layers are tracked too).
+    ``verity``: True (SHA-256) or a hash algorithm name: also the dm-verity hash tree
+    ``<target>.verity`` and root hash ``<target>.roothash``.
     """
     where = f"TdxExt4Rootfs('{target}')"
+    from ..rootfs.verity import ALGORITHMS
+
+    algorithm = "sha256" if verity is True else verity or None
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise SCons.Errors.UserError(f"{where}: verity={verity!r} is not a hash algorithm dm-verity images are built "
+                                     f"with here; use verity=True (sha256) or one of {', '.join(ALGORITHMS)}")
     if agent is None:
         raise SCons.Errors.UserError(f"{where}: agent= is required (a file or the node of TdxStaticProgram)")
     if not isinstance(agent_path, str) or not agent_path.startswith("/"):
@@ -255,12 +268,17 @@ def tdx_ext4_rootfs(env, target, source, agent=None, agent_path=AGENT_PATH, size
             deps += _tree_inputs(env, tree)
     agent_node = env.File(env.Flatten([agent])[0])
     target_node = env.File(target)
-    cfg = _config(env, target_node.dir, target_node.name + ".rootfs", {"agent_path": agent_path, "size": size,
-                                                                        "epoch": epoch})
-    nodes = _stage(env, "rootfs", target_node.name, [target_node], [cfg, agent_node] + deps,
+    options = {"agent_path": agent_path, "size": size, "epoch": epoch}
+    targets = [target_node]
+    if algorithm is not None:
+        options["verity"] = algorithm
+        targets += [env.File(target_node.abspath + ".verity"), env.File(target_node.abspath + ".roothash")]
+    cfg = _config(env, target_node.dir, target_node.name + ".rootfs", options)
+    nodes = _stage(env, "rootfs", target_node.name, targets, [cfg, agent_node] + deps,
                    f'{_python("rootfs")} --config ${{SOURCES[0]}} --agent ${{SOURCES[1]}} '
-                   f'--source ${{SOURCES[2]}} --out $TARGET {_CACHE_ARGS}')
+                   f'--source ${{SOURCES[2]}} --out ${{TARGETS[0]}} {_CACHE_ARGS}')
     nodes[0].attributes.tdx_agent_path = agent_path
+    nodes[0].attributes.tdx_verity = tuple(nodes[1:]) if algorithm is not None else None
     return nodes
 
 
@@ -296,11 +314,21 @@ def _c_sources(nodes):
     return [n for n in nodes if str(n).endswith(".c")]
 
 
-def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
+def _verity_init() -> dict:
+    """What the init needs to open a dm-verity root filesystem."""
+    from ..rootfs.verity import GUEST_HELPER, KERNEL_PARAMETER
+
+    return {"hash_device": VERITY_HASH_DEVICE, "helper": GUEST_HELPER, "parameter": KERNEL_PARAMETER}
+
+
+def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_rootfs=False, **options):
     """The rule: declare every stage of the image ``name``; return the final nodes.
 
     ``rootfs``: a node of ``TdxExt4Rootfs``; the init then mounts it from the
     virtio disk the scripts attach and runs its agent (``binary`` is optional).
+    Built with ``verity=True``, the disk is opened through dm-verity from the root hash on
+    the measured command line; without, ``unmeasured_rootfs=True`` must say that an
+    unmeasured disk is meant.
     """
     where = f"TdxImage('{name}')"
     if os.environ.get(settings_table.SKIP_VARIABLE, "").lower() in _TRUE:
@@ -325,8 +353,18 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
 
     rootfs_node = env.File(env.Flatten([rootfs])[0]) if rootfs is not None else None
     binary_node = env.File(env.Flatten([binary])[0]) if binary is not None else None
+    verity_nodes = None
     if rootfs_node is not None:
-        program_path = getattr(rootfs_node.attributes, "tdx_agent_path", AGENT_PATH)
+        if not hasattr(rootfs_node.attributes, "tdx_agent_path"):
+            raise SCons.Errors.UserError(f"{where}: rootfs={str(rootfs_node)!r} is not a root filesystem of "
+                                         "TdxExt4Rootfs; pass the node env.TdxExt4Rootfs(...) returns")
+        verity_nodes = rootfs_node.attributes.tdx_verity
+        if verity_nodes is None and not unmeasured_rootfs:
+            raise SCons.Errors.UserError(
+                f"{where}: rootfs {rootfs_node.name} has no dm-verity hash tree, so no measurement would cover the "
+                "disk the workload runs from; build it with TdxExt4Rootfs(..., verity=True), or pass "
+                "unmeasured_rootfs=True to accept an unmeasured disk")
+        program_path = rootfs_node.attributes.tdx_agent_path
     else:
         program_name = os.path.basename(binary_node.path)
         if not re.match(r"^[A-Za-z0-9._+-]+$", program_name) or program_name.startswith("-"):
@@ -360,7 +398,8 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
     stage_targets["kernel"] = kernel
     user_modules, user_module_files = [], []
     # A root filesystem needs the virtio disk driver and ext4 (modules or built in).
-    for item in values["kernel_modules"] + (list(ROOTFS_MODULES) if rootfs_node is not None else []):
+    for item in (values["kernel_modules"] + (list(ROOTFS_MODULES) if rootfs_node is not None else [])
+                 + (list(VERITY_MODULES) if verity_nodes else [])):
         if "/" in item or ".ko" in item:
             node = env.File(item)
             user_module_files.append(node)
@@ -375,7 +414,8 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
 
     # init
     cfg = config("init", name=name, program=program_path,
-                 rootfs_device=ROOTFS_DEVICE if rootfs_node is not None else None)
+                 rootfs_device=ROOTFS_DEVICE if rootfs_node is not None else None,
+                 **({"verity": _verity_init()} if verity_nodes else {}))
     init = _stage(env, "init", name, [work.File("init.frag")], [cfg],
                   f"{_python('init')} --config ${{SOURCES[0]}} --out $TARGET")
     stage_targets["init"] = init
@@ -387,6 +427,14 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
         node = env.File(host)
         extra[guest] = str(node)
         extra_nodes.append(node)
+    if verity_nodes:
+        # The helper that opens the dm-verity device, a static C program built as workloads are.
+        helper = tdx_static_program(env, work.File("tdx-verity-open"),
+                                    [env.File(os.path.join(PACKAGE_DIR, "templates", "tdx-verity-open.c"))])[0]
+        from ..rootfs.verity import GUEST_HELPER
+
+        extra[GUEST_HELPER] = str(helper)
+        extra_nodes.append(helper)
     cfg = config("cpio", program_path=program_path, extra_files=extra, epoch=_source_date_epoch())
     program_args = f" --program ${{SOURCES[{4 + len(extra_nodes)}]}}" if binary_node is not None else ""
     cpio = _stage(env, "cpio", name, [work.File(f"{name}-initramfs.cpio")],
@@ -427,13 +475,16 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
                                        ("rtmr1", kernel[0], {"vga": vga_word(values["cmdline"])}),
                                        ("rtmr2", initrd[0], {})):
         cfg = config(register, **computed)
-        size = [initrd[1]] if register == "rtmr1" else []
-        size_arg = " --initrd-size-file ${SOURCES[3]}" if size else ""
+        extra_sources, extra_args = [], ""
+        if register == "rtmr1":
+            extra_sources, extra_args = [initrd[1]], " --initrd-size-file ${SOURCES[3]}"
+        elif register == "rtmr2" and verity_nodes:  # the dm-verity parameters join the command line
+            extra_sources, extra_args = list(verity_nodes), " --verity-hash ${SOURCES[3]} --roothash ${SOURCES[4]}"
         measured[register] = _stage(
             env, register, name, [out.File(f"{name}-{register}.hex"), work.File(f"{register}.json")],
-            [cfg, source, ovmf_profile] + size,
+            [cfg, source, ovmf_profile] + extra_sources,
             f"{_python('measure')} {register} --config ${{SOURCES[0]}} --input ${{SOURCES[1]}} "
-            f"--ovmf-profile ${{SOURCES[2]}}{size_arg} --out ${{TARGETS[0]}} --transcript ${{TARGETS[1]}}")
+            f"--ovmf-profile ${{SOURCES[2]}}{extra_args} --out ${{TARGETS[0]}} --transcript ${{TARGETS[1]}}")
     stage_targets["measure"] = [measured[r][0] for r in ("mrtd", "rtmr1", "rtmr2")]
 
     # scripts
@@ -444,9 +495,11 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
         script_targets.append(out.File(f"{name}-run-qemu.sh"))
         runner = " --runner ${TARGETS[1]}"
     rootfs_arg = " --rootfs ${SOURCES[5]}" if rootfs_node is not None else ""
+    if verity_nodes:
+        rootfs_arg += " --verity-hash ${SOURCES[6]} --roothash ${SOURCES[7]}"
     scripts = _stage(env, "scripts", name, script_targets,
                      [cfg, ovmf[0], kernel[0], initrd[0], ovmf_profile]
-                     + ([rootfs_node] if rootfs_node is not None else []),
+                     + ([rootfs_node] if rootfs_node is not None else []) + list(verity_nodes or ()),
                      f"{_python('scripts')} --config ${{SOURCES[0]}} --ovmf ${{SOURCES[1]}} --kernel ${{SOURCES[2]}} "
                      f"--initrd ${{SOURCES[3]}} --ovmf-profile ${{SOURCES[4]}}{rootfs_arg} "
                      f"--launch ${{TARGETS[0]}}{runner}")
@@ -460,6 +513,8 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, **options):
     for template, node in ([("--info {}", info) for info in (minirootfs[1], kernel[1], modules[1], ovmf[1])]
                            + [("--file program={}", node) for node in [binary_node] if node is not None]
                            + [("--file rootfs={}", node) for node in [rootfs_node] if node is not None]
+                           + [(option, node) for option, node in zip(("--verity-hash {}", "--roothash {}"),
+                                                                     verity_nodes or ())]
                            + [("--extra-file {}", node) for node in extra_nodes]
                            + [("--output {}", node) for node in finals]
                            + [("--measurement {}", node) for node in transcripts]):

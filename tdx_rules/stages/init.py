@@ -37,6 +37,10 @@ SSH_KEY_TYPES = (
 )
 
 UDHCPC_SCRIPT = "usr/share/udhcpc/default.script"
+_DEVICE = re.compile(r"^/dev/[a-z0-9]+$")
+# A dm-verity root filesystem: the hash tree's disk, the helper that opens the device, the kernel
+# parameter that carries the root hash and the other parameters.
+_VERITY_KEYS = ("hash_device", "helper", "parameter")
 AUTHORIZED_KEYS = "root/.ssh/authorized_keys"
 
 # Mount points and writable places the init uses; sys/kernel/config appears
@@ -136,10 +140,16 @@ def build_entries(config: dict):
     ssh_keys = check_ssh_keys(config.get("ssh_keys"))
 
     rootfs_device = config.get("rootfs_device")
-    if rootfs_device is not None and not (isinstance(rootfs_device, str) and rootfs_device.startswith("/dev/")):
+    verity = config.get("verity")
+    if rootfs_device is not None and not (isinstance(rootfs_device, str) and _DEVICE.match(rootfs_device)):
         raise TdxError(f"init config: rootfs_device {rootfs_device!r} is not a device path like /dev/vda")
+    if verity is not None and not (rootfs_device and isinstance(verity, dict) and set(verity) == set(_VERITY_KEYS)
+                                   and _DEVICE.match(str(verity["hash_device"]))
+                                   and re.match(r"^/[a-z/-]+$", str(verity["helper"]))
+                                   and re.match(r"^[a-z.]+$", str(verity["parameter"]))):
+        raise TdxError(f"init config: verity {verity!r} is not what the TdxImage rule writes; regenerate the config")
     script = render("init.sh.j2", name=name, program=program, args=args, env_vars=env_vars,
-                    ssh_keys=bool(ssh_keys), rootfs_device=rootfs_device)
+                    ssh_keys=bool(ssh_keys), rootfs_device=rootfs_device, verity=verity)
     entries = [newc.directory(path, mode) for path, mode in _DIRECTORIES]
     entries.append(newc.Entry("dev/console", stat.S_IFCHR | 0o600, rdevmajor=5, rdevminor=1))
     entries.append(newc.blob("init", script.encode("utf-8"), 0o755))

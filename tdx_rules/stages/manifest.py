@@ -11,6 +11,7 @@ import os
 
 from ..fsutil import sha256_file, write_json
 from ..measure.launch import launch_for, manifest_record
+from ..rootfs import verity
 from ._entry import load_config, run
 
 
@@ -25,12 +26,32 @@ def _measurements(transcripts) -> dict:
         if data["register"] == "mrtd":
             result["mrtd_sections"] = data["sections"]
             result["rtmr0_firmware"] = data.get("rtmr0_firmware", [])
+        if data["register"] == "rtmr2":
+            result["cmdline"] = data.get("cmdline")
         result["events"] += data.get("events", [])
     return result
 
 
-def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=(), extra_files=()) -> None:
-    """``extra_files``: host paths in the order of the config's ``extra_files`` guest paths."""
+def rootfs_record(image: str, hash_path: str, roothash_path: str) -> dict:
+    """The verified root filesystem: its files, the tree's parameters, how to check them."""
+    with open(roothash_path, encoding="ascii") as handle:
+        tree = verity.read_tree(hash_path, handle.read().strip())
+    names = {"data": os.path.basename(image), "hash": os.path.basename(hash_path)}
+    return {
+        "files": [{"path": os.path.basename(path), "sha256": sha256_file(path)}
+                  for path in (image, hash_path, roothash_path)],
+        "root_hash": tree.root_hash, "salt": tree.salt, "algorithm": tree.algorithm,
+        "data_block_size": tree.data_block_size, "hash_block_size": tree.hash_block_size,
+        "data_blocks": tree.data_blocks, "hash_blocks": tree.hash_blocks, "hash_offset": tree.hash_start_block
+        * tree.hash_block_size, "kernel_argument": tree.kernel_argument(),
+        "veritysetup_verify": tree.veritysetup_verify(names["data"], names["hash"]),
+    }
+
+
+def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=(), extra_files=(),
+                   verity_files=None) -> None:
+    """``extra_files``: host paths in the order of the config's ``extra_files`` guest paths;
+    ``verity_files``: (hash tree, root hash) of a verified root filesystem (the ``rootfs`` file)."""
     inputs = {}
     for info_path in infos:
         stage = os.path.basename(info_path).split(".")[0]
@@ -49,6 +70,9 @@ def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=()
         "outputs": [{"path": os.path.basename(p), "sha256": sha256_file(p), "size": os.path.getsize(p)}
                     for p in sorted(outputs, key=os.path.basename)],
     }
+    if verity_files:
+        image = dict(files)["rootfs"]
+        manifest["rootfs"] = rootfs_record(image, *verity_files)
     if "qemu_version" in config["settings"]:
         manifest["launch"] = manifest_record(launch_for(config["settings"]["qemu_version"]))
     if transcripts:
@@ -65,11 +89,13 @@ def main(argv):
     parser.add_argument("--measurement", action="append", default=[], help="a measurement transcript JSON")
     parser.add_argument("--extra-file", action="append", default=[],
                         help="an extra file, in the order of the config's extra_files")
+    parser.add_argument("--verity-hash", help="the root filesystem's dm-verity hash tree")
+    parser.add_argument("--roothash", help="its root hash file")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     files = [tuple(item.split("=", 1)) for item in args.file]
     build_manifest(load_config(args.config), args.info, files, args.output, args.out, args.measurement,
-                   args.extra_file)
+                   args.extra_file, (args.verity_hash, args.roothash) if args.verity_hash else None)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import dataclasses
 
 from ..fsutil import atomic_output, read_json_object, write_json
 from ..measure import mrtd, profiles, rtmr, rtmr0
+from ..rootfs import verity
 from ._entry import load_config, run
 
 
@@ -52,11 +53,12 @@ def measure_rtmr1(config, kernel, initrd_size, out, transcript):
                                                      "events": _events(events)})
 
 
-def measure_rtmr2(config, initrd, out, transcript):
+def measure_rtmr2(config, initrd, out, transcript, verity_hash=None, roothash=None):
     profile = _profile(config)
-    events = rtmr.rtmr2_events(config["cmdline"], initrd, profile)
+    cmdline = verity.command_line(config["cmdline"], verity_hash, roothash)
+    events = rtmr.rtmr2_events(cmdline, initrd, profile)
     _write(rtmr.replay(events)[2], out, transcript, {"register": "rtmr2", "profile": dataclasses.asdict(profile),
-                                                     "events": _events(events)})
+                                                     "events": _events(events), "cmdline": cmdline})
 
 
 def main(argv):
@@ -66,6 +68,8 @@ def main(argv):
     parser.add_argument("--input", required=True, help="firmware (mrtd), kernel (rtmr1) or initramfs (rtmr2)")
     parser.add_argument("--ovmf-profile", required=True, help="the ovmf stage's ovmf.profile.json")
     parser.add_argument("--initrd-size-file", help="rtmr1: file holding the initramfs size in bytes")
+    parser.add_argument("--verity-hash", help="rtmr2: the dm-verity hash tree of the root filesystem")
+    parser.add_argument("--roothash", help="rtmr2: its root hash file")
     parser.add_argument("--out", required=True)
     parser.add_argument("--transcript", required=True)
     args = parser.parse_args(argv)
@@ -78,7 +82,7 @@ def main(argv):
             size = int(handle.read().strip())
         measure_rtmr1(config, args.input, size, args.out, args.transcript)
     else:
-        measure_rtmr2(config, args.input, args.out, args.transcript)
+        measure_rtmr2(config, args.input, args.out, args.transcript, args.verity_hash, args.roothash)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ overlay2 directories, are hashed member by member), the agent's bytes, the
 options and the ext4 writer's format version. A cached image is reused only after its
 ext4 magic and a read-only ``e2fsck -fn`` pass; every write goes to a temp
 file that is renamed into place.
+
+With ``verity`` (a hash algorithm) the stage also writes the dm-verity hash tree
+``<out>.verity`` and its root hash ``<out>.roothash`` (one hex line), computed from the
+image (:mod:`tdx_rules.rootfs.verity`). The salt and the hash file's UUID are derived from
+the ext4 UUID (itself derived from the content) and the image size: never random.
 """
 
 import argparse
@@ -16,8 +21,8 @@ import os
 
 import filelock
 
-from ..fsutil import CHUNK, copy_file, sha256_file
-from ..rootfs import ext4
+from ..fsutil import CHUNK, atomic_output, copy_file, sha256_file
+from ..rootfs import ext4, verity
 from ..rootfs.formats import open_image
 from ..rootfs.tree import apply_layers
 from ._entry import load_config, run
@@ -48,7 +53,7 @@ def cache_key(layers, agent: str, config: dict) -> str:
 
 def build_rootfs(source: str, agent: str, config: dict, out: str, cache: str, log=print) -> None:
     layers = open_image(source)
-    key = cache_key(layers, agent, config)
+    key = cache_key(layers, agent, {name: value for name, value in config.items() if name != "verity"})
     cached = os.path.join(cache, "rootfs", key + ".ext4")
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     with filelock.FileLock(cached + ".lock"):
@@ -61,6 +66,25 @@ def build_rootfs(source: str, agent: str, config: dict, out: str, cache: str, lo
         copy_file(out, cached)
 
 
+def verity_salt_and_uuid(image: str):
+    """The salt and hash-device UUID of an image: from its ext4 UUID and size (never random)."""
+    with open(image, "rb") as handle:
+        handle.seek(1024 + 0x68)
+        ext4_uuid = handle.read(16)
+    seed = ext4_uuid + os.path.getsize(image).to_bytes(8, "little")
+    return (hashlib.sha256(b"tdx-rules dm-verity salt\0" + seed).digest(),
+            hashlib.sha256(b"tdx-rules dm-verity uuid\0" + seed).digest()[:16])
+
+
+def write_verity(image: str, algorithm: str) -> verity.VerityTree:
+    """``<image>.verity`` and ``<image>.roothash`` for an ext4 image."""
+    salt, uuid = verity_salt_and_uuid(image)
+    tree = verity.build_verity(image, image + ".verity", salt, uuid, algorithm)
+    with atomic_output(image + ".roothash", "w") as handle:
+        handle.write(tree.root_hash + "\n")
+    return tree
+
+
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.rootfs")
     parser.add_argument("--config", required=True)
@@ -70,8 +94,10 @@ def main(argv):
     parser.add_argument("--cache", required=True)
     parser.add_argument("--mirror", default="", help="unused; accepted like every fetching stage")
     args = parser.parse_args(argv)
-    build_rootfs(args.source, args.agent, load_config(args.config), args.out, args.cache,
-                 log=lambda line: print(line, flush=True))
+    config = load_config(args.config)
+    build_rootfs(args.source, args.agent, config, args.out, args.cache, log=lambda line: print(line, flush=True))
+    if config.get("verity"):
+        write_verity(args.out, config["verity"])
 
 
 if __name__ == "__main__":

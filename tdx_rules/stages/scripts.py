@@ -23,6 +23,7 @@ from ..errors import TdxError
 from ..fsutil import atomic_output, read_json_object
 from ..measure.launch import QGS_CID, QGS_PORT, launch_for
 from ..render import check_text, render
+from ..rootfs import verity
 from ..settings import BY_NAME
 from ._entry import load_config, run
 
@@ -50,10 +51,11 @@ def check_config(config) -> dict:
     }
 
 
-def _inputs(ovmf, kernel, initrd, rootfs=None) -> dict:
-    """{role: (path, basename)} after checking the files and their names (rootfs is optional)."""
+def _inputs(ovmf, kernel, initrd, rootfs=None, rootfs_hash=None) -> dict:
+    """{role: (path, basename)} after checking the files and their names (the root filesystem and
+    its dm-verity hash tree are optional)."""
     inputs = {}
-    for role, path in zip(_ROLES + ("rootfs",), (ovmf, kernel, initrd, rootfs)):
+    for role, path in zip(_ROLES + ("rootfs", "rootfs_hash"), (ovmf, kernel, initrd, rootfs, rootfs_hash)):
         if path is None:
             continue
         path = os.fspath(path)
@@ -75,7 +77,8 @@ def _inputs(ovmf, kernel, initrd, rootfs=None) -> dict:
 
 def _context(settings: dict, inputs: dict, tdx_only_firmware: bool = False) -> dict:
     context = {key: settings[key] for key in ("name", "memory", "cpus", "cmdline", "ssh_forward", "launch")}
-    context.update(rootfs=None, qgs_cid=QGS_CID, qgs_port=QGS_PORT, tdx_only_firmware=tdx_only_firmware)
+    context.update(rootfs=None, rootfs_hash=None, qgs_cid=QGS_CID, qgs_port=QGS_PORT,
+                   tdx_only_firmware=tdx_only_firmware)
     context.update({role: base for role, (_, base) in inputs.items()})
     return context
 
@@ -109,24 +112,30 @@ def write_payload(out, inputs: dict) -> None:
 
 
 def build_scripts(config: dict, ovmf, kernel, initrd, out_launch, out_runner=None, rootfs=None,
-                  tdx_only_firmware: bool = False) -> None:
+                  tdx_only_firmware: bool = False, verity_hash=None, roothash=None) -> None:
     """Write the launch script and, when ``bundle_runner`` is on, the self-extracting runner.
 
     ``rootfs``: an ext4 image attached as a virtio disk (the image's init mounts it); the launch
     script names it relative to itself, the runner carries it.
     ``tdx_only_firmware``: the firmware starts only inside a trust domain.
+    ``verity_hash``, ``roothash``: the rootfs's dm-verity hash tree, attached as a second disk, and
+    its root hash, whose parameters join the default command line.
     """
     settings = check_config(config)
     if settings["bundle_runner"] and out_runner is None:
         raise TdxError("bundle_runner is on but no runner output was given: pass --runner OUT-run-qemu.sh")
     if not settings["bundle_runner"] and out_runner is not None:
         raise TdxError("bundle_runner is off but a runner output was given: drop --runner or turn bundle_runner on")
-    inputs = _inputs(ovmf, kernel, initrd, rootfs)
+    if verity_hash is not None and rootfs is None:
+        raise TdxError("a dm-verity hash tree without its root filesystem: pass --rootfs too")
+    settings["cmdline"] = verity.command_line(settings["cmdline"], verity_hash, roothash)
+    inputs = _inputs(ovmf, kernel, initrd, rootfs, verity_hash)
     context = _context(settings, inputs, tdx_only_firmware)
 
     launch_context = dict(context)
-    if "rootfs" in inputs:  # the disk stays where TdxExt4Rootfs wrote it: found relative to the script
-        launch_context["rootfs"] = os.path.relpath(os.path.abspath(inputs["rootfs"][0]),
+    for role in ("rootfs", "rootfs_hash"):  # the disks stay where TdxExt4Rootfs wrote them
+        if role in inputs:
+            launch_context[role] = os.path.relpath(os.path.abspath(inputs[role][0]),
                                                    os.path.dirname(os.path.abspath(out_launch)))
     launch = render("launch-tdx.sh.j2", **launch_context).encode("utf-8")
     with atomic_output(out_launch) as out:
@@ -150,12 +159,15 @@ def main(argv) -> None:
     parser.add_argument("--initrd", required=True, help="initramfs file")
     parser.add_argument("--ovmf-profile", required=True, help="the ovmf stage's ovmf.profile.json")
     parser.add_argument("--rootfs", help="ext4 root filesystem attached as a virtio disk")
+    parser.add_argument("--verity-hash", help="its dm-verity hash tree, attached as a second disk")
+    parser.add_argument("--roothash", help="the tree's root hash file")
     parser.add_argument("--launch", required=True, help="output: launch-tdx.sh")
     parser.add_argument("--runner", help="output: self-extracting run-qemu.sh (only with bundle_runner)")
     options = parser.parse_args(argv)
     profile = read_json_object(options.ovmf_profile, "ovmf profile", "rebuild the image (scons)")
     build_scripts(load_config(options.config), options.ovmf, options.kernel, options.initrd,
-                  options.launch, options.runner, options.rootfs, bool(profile.get("tdx_only")))
+                  options.launch, options.runner, options.rootfs, bool(profile.get("tdx_only")),
+                  options.verity_hash, options.roothash)
 
 
 if __name__ == "__main__":
