@@ -218,6 +218,10 @@ def _mirror():
     return os.environ.get("TDX_RULES_MIRROR", "")
 
 
+def _keyring():
+    return os.environ.get("TDX_RULES_KEYRING", "")
+
+
 VARIABLES = (
     Variable("TDX_CC", lambda: "musl-gcc", "`musl-gcc`", ("TdxStaticProgram",),
              "C compiler for C sources; it must link statically."),
@@ -226,6 +230,9 @@ VARIABLES = (
              ("TdxImage", "TdxExt4Rootfs"), "Download and artifact cache shared by every project on the machine."),
     Variable("TDX_MIRROR", _mirror, "`$TDX_RULES_MIRROR`, else none", ("TdxImage",),
              "Base URL of a mirror tried before the upstream download addresses."),
+    Variable("TDX_KEYRING", _keyring, "`$TDX_RULES_KEYRING`, else none", ("TdxImage",),
+             "Extra trusted public key files (armored or binary, colon-separated) for the signatures of the "
+             "named upstreams, in addition to the keys tdx-rules pins; never instead of them."),
     Variable("TDX_PYTHON", _python, "the Python running SCons", ("TdxImage", "TdxStaticProgram", "TdxExt4Rootfs",
                                                                    "TdxPack"),
              "Interpreter the stage commands run with (left out of the signatures, so a CacheDir is shared "

@@ -16,11 +16,23 @@ import time
 import pytest
 
 from tdx_rules import settings
-from tests.test_incremental import reran_for_new_initrd
 from tests.conftest import scons, stages_run, write_project
-from tests.upstream_fixture import (KERNEL, OLD_KERNEL, OVMF_DEB, UBUNTU_ROOT, alpine_tarball, drop_stanza, gz,
-                                    kernel_packages, packages_index, xz)
-from tests.upstream_fixture import upstream_mirror, upstream_tree  # noqa: F401  (fixtures)
+from tests.test_incremental import reran_for_new_initrd
+from tests.upstream_fixture import (  # noqa: F401  (fixtures)
+    KERNEL,
+    OLD_KERNEL,
+    OVMF_DEB,
+    UBUNTU_ROOT,
+    alpine_tarball,
+    drop_stanza,
+    gz,
+    kernel_packages,
+    packages_index,
+    signing_key,
+    upstream_mirror,
+    upstream_tree,
+    xz,
+)
 
 OPTIONS = "cmdline='console=ttyS0 panic=-1'"  # everything else: the defaults
 RELEASE = "6.8.0-55-generic"
@@ -32,9 +44,11 @@ TDX_GUEST = f"lib/modules/{RELEASE}/kernel/drivers/virt/coco/tdx-guest/tdx-guest
 
 
 def environment(mirror_url: str, cache, **extra) -> dict:
-    """The build environment: this mirror and cache, no TDX_IMAGE_* override from the caller's shell."""
+    """The build environment: this mirror and cache, the test archive's key trusted, no TDX_IMAGE_*
+    override from the caller's shell."""
     env = {s.env: "" for s in settings.SETTINGS if s.env}
-    env.update(TDX_RULES_MIRROR=mirror_url, TDX_RULES_CACHE=str(cache), VERBOSE="")
+    env.update(TDX_RULES_MIRROR=mirror_url, TDX_RULES_CACHE=str(cache), VERBOSE="",
+               TDX_RULES_KEYRING=signing_key().public)
     env.update(extra)
     return env
 
@@ -184,13 +198,17 @@ def test_fixed_checksum_file_is_fetched_again(project, upstream_mirror, tampered
 
 @pytest.fixture
 def unlisted(project, upstream_mirror, tmp_path):
-    """A failed build against a mirror whose noble-updates index lacks linux-modules-extra."""
+    """A failed build against a mirror whose noble-updates index (signed as the archive signs it)
+    lacks linux-modules-extra."""
     package, deb = kernel_packages(KERNEL)[2]
     index = drop_stanza(upstream_mirror.tree.plain_indexes[packages_index(UBUNTU_ROOT, "noble-updates")], package)
-    upstream_mirror.serve(packages_index(UBUNTU_ROOT, "noble-updates", ".xz"), xz(index))
-    upstream_mirror.serve(packages_index(UBUNTU_ROOT, "noble-updates", ".gz"), gz(index))
+    upstream_mirror.publish(UBUNTU_ROOT, "noble-updates", index)
     cache = tmp_path / "cache"
     return scons(project, env=environment(upstream_mirror.url, cache), check=False), cache, package, deb
+
+
+def suite_dir(suite, root=UBUNTU_ROOT):
+    return f"{root}/dists/{suite}/"
 
 
 def test_kernel_deb_missing_from_the_index_is_refused(project, upstream_mirror, unlisted):
@@ -203,9 +221,9 @@ def test_kernel_deb_missing_from_the_index_is_refused(project, upstream_mirror, 
 
 def test_updated_index_is_fetched_again(project, upstream_mirror, unlisted):
     _, cache, _, _ = unlisted
-    for suffix in (".xz", ".gz"):
-        rel = packages_index(UBUNTU_ROOT, "noble-updates", suffix)
-        upstream_mirror.serve(rel, upstream_mirror.tree.read(rel))
+    for rel in upstream_mirror.tree.files():
+        if rel.startswith(suite_dir("noble-updates")):
+            upstream_mirror.serve(rel, upstream_mirror.tree.read(rel))
     result = scons(project, env=environment(upstream_mirror.url, cache), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -219,9 +237,12 @@ def test_unknown_kernel_version_is_a_clear_error_after_searching_every_suite(pro
     assert "noble, noble-updates, noble-security" in line
     counts = {(suite, suffix): upstream_mirror.count(packages_index(UBUNTU_ROOT, suite, suffix))
               for suite in ("noble", "noble-updates", "noble-security") for suffix in (".xz", ".gz")}
-    # An index that exists is read in its .xz form only; noble-security has no .xz (404), so its .gz is read.
+    # An index is read in its .xz form only; noble-security's signed Release lists only a .gz. Each is
+    # fetched once by the SHA-256 its Release gives it, although every InRelease is fetched twice
+    # (the second pass asks for newer ones).
     assert counts == {("noble", ".xz"): 1, ("noble", ".gz"): 0, ("noble-updates", ".xz"): 1,
-                      ("noble-updates", ".gz"): 0, ("noble-security", ".xz"): 1, ("noble-security", ".gz"): 1}
+                      ("noble-updates", ".gz"): 0, ("noble-security", ".xz"): 0, ("noble-security", ".gz"): 1}
+    assert upstream_mirror.count(suite_dir("noble") + "InRelease") == 2
     assert not any("6.8.0-99" in path for path in upstream_mirror.server.requests)
     assert not os.path.exists(out(project, "hello-vmlinuz"))
 

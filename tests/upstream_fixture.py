@@ -6,7 +6,8 @@ built in the test session from real Debian parts with the real tools:
 * ``dl-cdn.alpinelinux.org``: Alpine minirootfs tarballs 3.21.0 and 3.20.3
   (``./bin/busybox`` from Debian's busybox-static, ``./lib/ld-musl-x86_64.so.1``
   from Debian's musl, the ``libc.musl`` symlink, ``etc/alpine-release`` and a
-  few unrelated members), each with its ``.sha256`` written by ``sha256sum``;
+  few unrelated members), each with its ``.sha256`` written by ``sha256sum`` and its detached
+  ``.asc`` signature by gpg;
 * ``archive.ubuntu.com``: the three ``.debs`` of ``ubuntu-kernel:6.8.0-55.57``
   (Debian's 6.12 vmlinuz; the TDX modules recompressed ``.ko.xz`` -> ``.ko.zst``
   by ``zstd``), built by ``dpkg-deb -Zzstd``, listed by ``dpkg-scanpackages``
@@ -15,6 +16,11 @@ built in the test session from real Debian parts with the real tools:
 * ``ppa.launchpadcontent.net``: Canonical's TDX ``ovmf`` .deb with Debian's
   ``OVMF.fd`` and its ``noble`` index.
 
+Every suite has a ``Release`` listing its indexes' SHA-256, signed by gpg as ``InRelease``
+(clearsigned) and ``Release.gpg`` (detached), as the real archives are. The signing key is a
+throwaway key made once per test session (:func:`signing_key`); builds trust it through
+``TDX_RULES_KEYRING``, as a user adds a key of their own archive.
+
 ``upstream_tree`` (session) builds all of it once into a temporary directory;
 ``upstream_mirror`` (per test) starts :class:`tests.httpserver.HttpServer`
 serving it under ``/mirror`` and yields :class:`Mirror`, whose ``url`` is the
@@ -22,7 +28,11 @@ serving it under ``/mirror`` and yields :class:`Mirror`, whose ``url`` is the
 """
 
 import dataclasses
+import datetime
+import email.utils
+import functools
 import gzip
+import hashlib
 import io
 import os
 import shutil
@@ -84,6 +94,59 @@ def _run(args, **kw):
     return subprocess.run(args, check=True, capture_output=True, **kw)
 
 
+@dataclasses.dataclass(frozen=True)
+class SigningKey:
+    home: str          # GNUPGHOME holding the secret key
+    public: str        # the armored public key: the TDX_RULES_KEYRING value
+    fingerprint: str
+
+    def gpg(self, *args, data: bytes = None) -> bytes:
+        return _run(["gpg", "--homedir", self.home, "--batch", "--yes", "--pinentry-mode", "loopback",
+                     "--passphrase", "", *args], input=data).stdout
+
+
+def make_key(name: str) -> SigningKey:
+    """A new throwaway OpenPGP signing key (ed25519), made by gpg."""
+    home = tempfile.mkdtemp(prefix="tdx-test-gpg-")
+    os.chmod(home, 0o700)
+    key = SigningKey(home, os.path.join(home, "public.asc"), "")
+    key.gpg("--quick-generate-key", f"{name} <{name.replace(' ', '-').lower()}@example.org>", "ed25519", "sign",
+            "never")
+    with open(key.public, "wb") as handle:
+        handle.write(key.gpg("--armor", "--export"))
+    listing = key.gpg("--with-colons", "--list-keys").decode()
+    fingerprint = [line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr")][0]
+    return SigningKey(home, key.public, fingerprint)
+
+
+@functools.lru_cache(maxsize=None)
+def signing_key() -> SigningKey:
+    """The test session's archive key: it signs every Release and .asc of the upstream tree."""
+    return make_key("tdx-rules test archive")
+
+
+def detached_signature(data: bytes, key: SigningKey = None) -> bytes:
+    return (key or signing_key()).gpg("--armor", "--detach-sign", data=data)
+
+
+def release_files(suite_dir_files: dict, suite: str, key: SigningKey = None, valid_until=None,
+                  date=None) -> dict:
+    """{name: bytes} of ``Release``, ``InRelease`` and ``Release.gpg`` for a suite whose index files
+    are ``suite_dir_files`` ({path below the suite: bytes}), signed by ``key``."""
+    date = date or datetime.datetime(2026, 11, 1, tzinfo=datetime.timezone.utc)
+    lines = ["Origin: tdx-rules test", "Label: tdx-rules test", f"Suite: {suite}", f"Codename: {suite}",
+             f"Date: {email.utils.format_datetime(date, usegmt=True)}"]
+    if valid_until is not None:
+        lines.append(f"Valid-Until: {email.utils.format_datetime(valid_until, usegmt=True)}")
+    lines += ["Architectures: amd64", "Components: main", "SHA256:"]
+    lines += [f" {hashlib.sha256(data).hexdigest()} {len(data):>16} {path}"
+              for path, data in sorted(suite_dir_files.items())]
+    release = ("\n".join(lines) + "\n").encode()
+    key = key or signing_key()
+    return {"Release": release, "InRelease": key.gpg("--clearsign", data=release),
+            "Release.gpg": key.gpg("--armor", "--detach-sign", data=release)}
+
+
 def _deb_member(deb: str, member: str) -> bytes:
     """Bytes of ``member`` of a .deb, read from ``dpkg-deb --fsys-tarfile``."""
     data = _run(["dpkg-deb", "--fsys-tarfile", deb]).stdout
@@ -120,6 +183,7 @@ class UpstreamTree:
     vmlinuz: bytes
     ovmf_fd: bytes
     plain_indexes: dict[str, bytes]  # host/path of Packages.xz -> its uncompressed text
+    key: SigningKey = dataclasses.field(default_factory=signing_key)
 
     def files(self) -> list[str]:
         out = []
@@ -181,6 +245,8 @@ def _build_alpine(root: str, version: str, busybox: bytes, musl: bytes) -> None:
     # Alpine's checksum file is sha256sum's own output: "<hex>  <file name>\n".
     line = _run(["sha256sum", os.path.basename(path)], cwd=os.path.dirname(path)).stdout
     _write(path + ".sha256", line)
+    with open(path, "rb") as handle:
+        _write(path + ".asc", detached_signature(handle.read()))
 
 
 # --- Ubuntu kernel --------------------------------------------------------------
@@ -258,10 +324,19 @@ def _scan(files: str, work: str, pool: str, debs) -> bytes:
     return out.replace(f"Filename: {name}/".encode(), f"Filename: {pool}/".encode())
 
 
+def suite_files(index_root: str, suite: str, plain: bytes, suffixes=(".xz", ".gz"), **release_options) -> dict:
+    """{host/path: bytes} of a suite's compressed Packages indexes and its signed Release files."""
+    indexes = {f"main/binary-amd64/Packages{suffix}": xz(plain) if suffix == ".xz" else gz(plain)
+               for suffix in suffixes}
+    out = {f"{index_root}/dists/{suite}/{path}": data for path, data in indexes.items()}
+    out.update({f"{index_root}/dists/{suite}/{name}": data
+                for name, data in release_files(indexes, suite, **release_options).items()})
+    return out
+
+
 def _publish(root: str, index_root: str, suite: str, plain: bytes, suffixes=(".xz", ".gz")) -> None:
-    for suffix in suffixes:
-        data = xz(plain) if suffix == ".xz" else gz(plain)
-        _write(os.path.join(root, packages_index(index_root, suite, suffix)), data)
+    for rel, data in suite_files(index_root, suite, plain, suffixes).items():
+        _write(os.path.join(root, rel), data)
 
 
 # --- the whole tree -------------------------------------------------------------
@@ -349,6 +424,11 @@ class Mirror:
     def serve(self, rel: str, body: bytes, **options) -> None:
         """Serve ``body`` at ``rel`` instead (fault injection); options as for HttpServer.add."""
         self.server.add(self.path(rel), body, **options)
+
+    def publish(self, index_root: str, suite: str, plain: bytes, suffixes=(".xz", ".gz"), **release_options) -> None:
+        """Serve a suite's new Packages indexes with a newly signed Release (as an archive update does)."""
+        for rel, data in suite_files(index_root, suite, plain, suffixes, **release_options).items():
+            self.serve(rel, data)
 
 
 @pytest.fixture

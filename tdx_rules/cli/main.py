@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                "ubuntu-kernel:, canonical-ovmf:, https://…#sha256=)")
     sub.add_argument("--cache", default=None, help="cache directory (default $TDX_RULES_CACHE or ~/.cache/tdx-rules)")
     sub.add_argument("--mirror", default=os.environ.get("TDX_RULES_MIRROR", ""), help="mirror base URL")
+    sub.add_argument("--keyring", default=os.environ.get("TDX_RULES_KEYRING", ""),
+                     help="extra trusted public key files, colon-separated (default $TDX_RULES_KEYRING)")
 
     sub = _command(commands, "cache", "list or clean the download cache", CACHE_EXAMPLE)
     sub.add_argument("action", choices=("list", "clean"))
@@ -195,7 +197,7 @@ def _fetch(args) -> int:
     from ..upstream import sources
 
     cache_dir = args.cache or args.cache_default
-    ctx = sources.Context(cache=cache_dir, mirror=args.mirror or None,
+    ctx = sources.Context(cache=cache_dir, mirror=args.mirror or None, keyring=args.keyring or None,
                           log=lambda line: print(line, file=sys.stderr))
     for text in args.specs:
         spec = sources.parse(text, "fetch")

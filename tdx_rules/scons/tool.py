@@ -33,7 +33,8 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests/test_tool.py checks this against the modules' real imports. Package __init__.py files are
 # left out: they hold only a docstring (tests/test_layout.py).
 _COMMON = ("errors.py", "fsutil.py", "stages/_entry.py")
-_FETCHING = ("stages/common.py", "upstream/sources.py", "upstream/fetch.py", "upstream/debpkg.py")
+_FETCHING = ("stages/common.py", "upstream/sources.py", "upstream/fetch.py", "upstream/debpkg.py",
+             "upstream/signatures.py", "upstream/release.py")
 _MEASURING = ("stages/measure.py", "measure/profiles.py", "measure/rtmr.py", "measure/rtmr0.py",
               "measure/mrtd.py", "measure/tdvf.py", "measure/pe.py", "measure/kernel_patch.py", "rootfs/verity.py")
 STAGE_CODE = {
@@ -155,7 +156,8 @@ def _python(module: str) -> str:
     return f"$( $TDX_PYTHON $) -m tdx_rules.stages.{module}"
 
 
-_CACHE_ARGS = '$( --cache "$TDX_CACHE" --mirror "$TDX_MIRROR" $)'
+# Where downloads go and come from, and the extra trusted keys: they change no output bytes.
+_CACHE_ARGS = '$( --cache "$TDX_CACHE" --mirror "$TDX_MIRROR" --keyring "$TDX_KEYRING" $)'
 
 
 def _write_config(target, source, env):

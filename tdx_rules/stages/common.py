@@ -17,11 +17,13 @@ def fetching_stage_arguments(prog: str, argv, extra_outputs=()):
         parser.add_argument(option, required=True)
     parser.add_argument("--cache", required=True, help="download cache directory")
     parser.add_argument("--mirror", default="", help="mirror prefix for upstream URLs")
+    parser.add_argument("--keyring", default="", help="extra trusted public key files, colon-separated")
     return parser.parse_args(argv)
 
 
 def context(args) -> Context:
-    return Context(cache=args.cache, mirror=args.mirror or None, log=lambda line: print(line, flush=True))
+    return Context(cache=args.cache, mirror=args.mirror or None, log=lambda line: print(line, flush=True),
+                   keyring=args.keyring or None)
 
 
 def input_record(resolved: Resolved) -> dict:

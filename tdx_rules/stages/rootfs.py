@@ -93,6 +93,7 @@ def main(argv):
     parser.add_argument("--out", required=True)
     parser.add_argument("--cache", required=True)
     parser.add_argument("--mirror", default="", help="unused; accepted like every fetching stage")
+    parser.add_argument("--keyring", default="", help="unused; accepted like every fetching stage")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     build_rootfs(args.source, args.agent, config, args.out, args.cache, log=lambda line: print(line, flush=True))

@@ -273,7 +273,8 @@ def _reuse_sibling(directory: str, dest: str) -> bool:
 
 
 def fetch(url: str, sha256: str, *, cache: str, mirror: Optional[str] = None, name: Optional[str] = None,
-          retries: int = 4, timeout: float = 30, backoff: float = 0.5, log: Callable[[str], None] = print) -> str:
+          retries: int = 4, timeout: float = 30, backoff: float = 0.5, log: Callable[[str], None] = print,
+          verify: Optional[Callable[[str], None]] = None) -> str:
     """Path of the file at ``url`` whose SHA-256 is ``sha256``, in the content cache.
 
     Returns ``<cache>/sha256/<hex>/<name or URL basename>`` at once if present (no
@@ -281,29 +282,58 @@ def fetch(url: str, sha256: str, *, cache: str, mirror: Optional[str] = None, na
     moves it into place. Retries transient failures ``retries`` times, waiting
     ``backoff``, 2×, 4×… seconds. TdxError on a 4xx, a checksum mismatch (the
     bad bytes are deleted), a redirect loop, or when retries run out.
+    ``verify(path)`` (a signature check) runs on the downloaded file before it enters the
+    cache and on a cached one; a file it refuses (TdxError) is removed.
     """
     sha = _check_sha256(sha256, url)
     directory = os.path.join(os.fspath(cache), "sha256", sha)
     dest = os.path.join(directory, _basename(url, name))
     if os.path.isfile(dest):
-        return dest
+        return _verified(dest, verify)
     with _locked(os.fspath(cache), sha):
         if os.path.isfile(dest):
-            return dest
+            return _verified(dest, verify)
         if _reuse_sibling(directory, dest):
-            return dest
+            return _verified(dest, verify)
+        temp = os.path.join(directory, f".{os.path.basename(dest)}.{os.getpid()}.unverified")
         try:
-            _download(url, dest, sha, mirror=mirror, retries=retries, timeout=timeout, backoff=backoff, log=log)
+            _download(url, temp, sha, mirror=mirror, retries=retries, timeout=timeout, backoff=backoff, log=log)
+            if verify is not None:
+                verify(temp)
+            os.replace(temp, dest)
         except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
             with contextlib.suppress(OSError):
                 os.rmdir(directory)  # only if empty: nothing partial or wrong stays behind
             raise
     return dest
 
 
+def _verified(path: str, verify: Optional[Callable[[str], None]]) -> str:
+    """``path`` after ``verify`` accepted it; a refused file leaves the cache."""
+    if verify is not None:
+        try:
+            verify(path)
+        except TdxError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+    return path
+
+
 def _text_path(url: str, cache: str, name: Optional[str] = None) -> str:
     key = hashlib.sha256(url.encode("utf-8")).hexdigest()
     return os.path.join(os.fspath(cache), "url", key, _basename(url, name))
+
+
+def forget_text(url: str, *, cache: str, name: Optional[str] = None) -> None:
+    """Drop the cached copy of ``url`` that :func:`fetch_text` keeps (one that failed a check)."""
+    path = _text_path(url, cache, name)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))
 
 
 def is_text_cached(url: str, *, cache: str, name: Optional[str] = None) -> bool:

@@ -17,7 +17,7 @@ import re
 import subprocess
 from typing import List, Optional
 
-from ..errors import BadChecksumFile, ChecksumMismatch, NotFound, TdxError
+from ..errors import NotFound, TdxError
 
 ALPINE_URL = "https://dl-cdn.alpinelinux.org/alpine/v{major}/releases/x86_64/alpine-minirootfs-{version}-x86_64.tar.gz"
 UBUNTU_ARCHIVE = "https://archive.ubuntu.com/ubuntu"
@@ -137,59 +137,132 @@ def apt_candidate(package: str) -> Optional[str]:
 
 @dataclasses.dataclass
 class Context:
-    """Where a stage puts downloads: the shared cache, an optional mirror, a log function."""
+    """Where a stage puts downloads: the shared cache, an optional mirror, a log function, and the
+    extra trusted keys (a ``TDX_RULES_KEYRING`` value: public key files, colon-separated)."""
 
     cache: str
     mirror: Optional[str] = None
     log: object = print
+    keyring: Optional[str] = None
+
+    def trust(self, kind: str):
+        from .signatures import trust_for
+
+        return trust_for(kind, self.keyring)
 
 
-def _index_sha256(ctx: Context, base: str, suites, package: str, version: str, what: str) -> str:
-    """SHA-256 of package=version from the suites' Packages indexes, as apt finds it.
+def _verified_text(ctx: Context, urls, check):
+    """``check(*raw texts)`` of small files fetched by URL; a cached copy that fails the check is
+    fetched once more, and a fresh one that fails is dropped from the cache (NotFound propagates)."""
+    from . import fetch
 
-    Cached indexes are searched first (offline builds work from a filled cache);
-    when none lists the package, the indexes that came from the cache are fetched
-    once more, because suite indexes change upstream. Only a missing index (404)
-    is skipped; any other failure to read one stops with its own message.
+    for refresh in (False, True):
+        texts = [fetch.fetch_text(url, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, refresh=refresh)
+                 for url in urls]
+        try:
+            return check(*texts)
+        except TdxError:
+            if refresh:
+                for url in urls:
+                    fetch.forget_text(url, cache=ctx.cache)
+                raise
+
+
+def _signed_release(ctx: Context, base: str, suite: str, kind: str, what: str, refresh: bool = False):
+    """The suite's Release, from ``InRelease`` or from ``Release`` + ``Release.gpg``, its signature
+    checked against the keys trusted for ``kind`` and its Valid-Until honoured."""
+    from . import fetch
+    from .release import check_current, parse_release
+
+    trust = ctx.trust(kind)
+    inrelease = f"{base}/dists/{suite}/InRelease"
+
+    def from_inrelease(raw):
+        release = parse_release(trust.verify(f"{what}: {inrelease}", raw).content, inrelease)
+        check_current(release, f"{what}: {inrelease}")
+        return release
+
+    def from_release(raw, signature):
+        trust.verify(f"{what}: {base}/dists/{suite}/Release", raw, signature)
+        release = parse_release(raw, f"{base}/dists/{suite}/Release")
+        check_current(release, f"{what}: {base}/dists/{suite}/Release")
+        return release
+
+    if refresh:
+        for url in (inrelease, f"{base}/dists/{suite}/Release", f"{base}/dists/{suite}/Release.gpg"):
+            fetch.forget_text(url, cache=ctx.cache)
+    try:
+        return _verified_text(ctx, [inrelease], from_inrelease)
+    except NotFound:
+        pass
+    return _verified_text(ctx, [f"{base}/dists/{suite}/Release", f"{base}/dists/{suite}/Release.gpg"], from_release)
+
+
+def _index_sha256(ctx: Context, base: str, suites, package: str, version: str, what: str, kind: str) -> str:
+    """SHA-256 of package=version from the suites' Packages indexes, as apt finds it: each suite's
+    Release signed by a key trusted for ``kind``, each index fetched by the SHA-256 the signed
+    Release gives it.
+
+    Cached Release files are used first (offline builds work from a filled cache); when no suite
+    lists the package, the Release files are fetched once more, because suites change upstream.
+    Only a missing index (404) is skipped; any other failure stops with its own message.
     """
     from . import fetch
 
-    stale = []
     for refresh in (False, True):
         for suite in suites:
-            for index_name in ("Packages.xz", "Packages.gz"):
+            release = _signed_release(ctx, base, suite, kind, what, refresh)
+            listed = [name for name in ("Packages.xz", "Packages.gz")
+                      if f"main/binary-amd64/{name}" in release.sha256]
+            if not listed:
+                continue
+            for index_name in listed:
+                sha, _ = release.sha256[f"main/binary-amd64/{index_name}"]
                 url = f"{base}/dists/{suite}/main/binary-amd64/{index_name}"
-                if refresh and url not in stale:
-                    continue
-                was_cached = fetch.is_text_cached(url, cache=ctx.cache)
                 try:
-                    data = fetch.fetch_text(url, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, refresh=refresh)
+                    path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
                 except NotFound:
                     continue
-                if was_cached and not refresh:
-                    stale.append(url)
-                found = fetch.packages_index_sha256(data, index_name, package, version)
+                with open(path, "rb") as handle:
+                    found = fetch.packages_index_sha256(handle.read(), index_name, package, version)
                 if found:
                     return found
                 break  # this suite's index was read and does not list the package
-        if not stale:
-            break
-    raise TdxError(f"{what}: {package} {version} is not listed in the Packages index of {base} "
+    raise TdxError(f"{what}: {package} {version} is not listed in the signed Packages indexes of {base} "
                    f"({', '.join(suites)}), so its checksum cannot be verified; pin it as https://…#sha256=HEX")
 
 
 def _alpine(spec: Spec, ctx: Context) -> "Resolved":
-    """The minirootfs, verified against Alpine's .sha256 file (fetched again once if the cached one is stale)."""
+    """The minirootfs: its detached ``.asc`` signature by Alpine's release key (checked on the
+    downloaded bytes before they enter the cache, and again on a cached file), then the SHA-256 of
+    Alpine's ``.sha256`` file. Stale cached ``.sha256``/``.asc`` files are fetched again once."""
     from . import fetch
 
     filename = spec.url.rsplit("/", 1)[1]
+    trust = ctx.trust("alpine")
+
+    def signed(signature):
+        def check(path):
+            with open(path, "rb") as handle:
+                trust.verify(f"minirootfs {filename}", handle.read(), signature)
+        return check
+
     for refresh in (False, True):
         text = fetch.fetch_text(spec.url + ".sha256", cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, refresh=refresh)
         try:
+            signature = fetch.fetch_text(spec.url + ".asc", cache=ctx.cache, mirror=ctx.mirror, log=ctx.log,
+                                         refresh=refresh)
+        except NotFound:
+            raise TdxError(f"minirootfs {filename}: its signature {filename}.asc is missing upstream, so the "
+                           "tarball cannot be verified; use a release that Alpine signed") from None
+        try:
             sha = fetch.alpine_sha256(text.decode("utf-8", "replace"), filename)
-            path = fetch.fetch(spec.url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
-        except (ChecksumMismatch, BadChecksumFile):
+            path = fetch.fetch(spec.url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log,
+                               verify=signed(signature))
+        except TdxError:  # a stale .sha256 or .asc in the cache is fetched again once
             if refresh:
+                fetch.forget_text(spec.url + ".sha256", cache=ctx.cache)
+                fetch.forget_text(spec.url + ".asc", cache=ctx.cache)
                 raise
             continue
         return Resolved(spec.text, path, sha, spec.url)
@@ -217,11 +290,12 @@ def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved
     if spec.kind == "ubuntu-kernel":
         out = []
         for package, version, url in ubuntu_kernel_debs(spec.version):
-            sha = _index_sha256(ctx, UBUNTU_ARCHIVE, UBUNTU_KERNEL_SUITES, package, version, what)
+            sha = _index_sha256(ctx, UBUNTU_ARCHIVE, UBUNTU_KERNEL_SUITES, package, version, what, "ubuntu-kernel")
             out.append(Resolved(spec.text, fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log), sha, url))
         return out
     if spec.kind == "canonical-ovmf":
         package, version, url = canonical_ovmf_deb(spec.version)
-        sha = _index_sha256(ctx, CANONICAL_OVMF_PPA, (CANONICAL_OVMF_SUITE,), package, version, what)
+        sha = _index_sha256(ctx, CANONICAL_OVMF_PPA, (CANONICAL_OVMF_SUITE,), package, version, what,
+                            "canonical-ovmf")
         return [Resolved(spec.text, fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log), sha, url)]
     raise TdxError(f"{what}: a {spec.kind!r} spec cannot be used here")
