@@ -222,6 +222,10 @@ def _keyring():
     return os.environ.get("TDX_RULES_KEYRING", "")
 
 
+def _snapshot():
+    return os.environ.get("TDX_RULES_SNAPSHOT", "")
+
+
 VARIABLES = (
     Variable("TDX_CC", lambda: "musl-gcc", "`musl-gcc`", ("TdxStaticProgram",),
              "C compiler for C sources; it must link statically."),
@@ -233,6 +237,9 @@ VARIABLES = (
     Variable("TDX_KEYRING", _keyring, "`$TDX_RULES_KEYRING`, else none", ("TdxImage",),
              "Extra trusted public key files (armored or binary, colon-separated) for the signatures of the "
              "named upstreams, in addition to the keys tdx-rules pins; never instead of them."),
+    Variable("TDX_SNAPSHOT", _snapshot, "`$TDX_RULES_SNAPSHOT`, else none", ("TdxImage",),
+             "Snapshot archives a locked file that is no longer offered is fetched from, `NAME=URL,...` "
+             "(defaults: debian, debian-security at snapshot.debian.org, ubuntu at snapshot.ubuntu.com)."),
     Variable("TDX_PYTHON", _python, "the Python running SCons", ("TdxImage", "TdxStaticProgram", "TdxExt4Rootfs",
                                                                    "TdxPack"),
              "Interpreter the stage commands run with (left out of the signatures, so a CacheDir is shared "

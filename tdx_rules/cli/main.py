@@ -4,7 +4,8 @@ Subcommands: ``measure`` (the MRTD, RTMR[1], RTMR[2] a TD will report), ``pack``
 deterministic initramfs from a directory), ``inspect`` (list an initramfs), ``diff`` (what
 differs between two images or two manifests), ``fetch`` (fill the download cache),
 ``cache`` (list or clean it), ``doctor`` (check the host's tools), ``quote`` (what a TDX quote
-says) and ``verify`` (a TD's quote and event log against its manifest).
+says), ``verify`` (a TD's quote and event log against its manifest) and ``lock`` (write or
+check tdx.lock).
 
 Exit status: 0 on success; 1 on bad input (one ``tdx-rules: error:`` line on stderr);
 2 on bad usage.  ``diff``: 0 when the inputs are the same, 1 when they differ, 2 on
@@ -85,6 +86,12 @@ prints one line per tool: 'ok' with where it was found, 'MISSING' (required) or
 'optional' with how to install it. Exit status 1 when a required tool is missing."""
 
 
+LOCK_EXAMPLE = """examples:
+  tdx-rules lock            # scons --tdx-lock: resolve every upstream input, write tdx.lock
+  tdx-rules lock --check    # in CI: exit 1 when tdx.lock is not what the inputs resolve to now
+runs scons in the SConstruct's directory (-C DIR); a build with tdx.lock uses exactly its files."""
+
+
 def _command(commands, name, help_text, epilog):
     return commands.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="clean: only entries not modified for DAYS days (default: all)")
 
     _command(commands, "doctor", "check the host for the tools the rules use", DOCTOR_EXAMPLE)
+
+    sub = _command(commands, "lock", "write tdx.lock, or check that it is current", LOCK_EXAMPLE)
+    sub.add_argument("--check", action="store_true", help="only check: exit 1 when the lock is not current")
+    sub.add_argument("-C", dest="directory", default=".", help="the directory of the SConstruct (default: here)")
 
     from . import attest
 
@@ -236,6 +247,17 @@ def _doctor(args) -> int:
     return 1 if doctor.missing_required(results) else 0
 
 
+def _lock(args) -> int:
+    """``scons --tdx-lock`` (or ``--tdx-lock-check``) in the SConstruct's directory."""
+    import subprocess
+
+    if not os.path.isfile(os.path.join(args.directory, "SConstruct")):
+        raise TdxError(f"lock: no SConstruct in {args.directory}; run it where the SConstruct is, or pass -C DIR")
+    option = "--tdx-lock-check" if args.check else "--tdx-lock"
+    done = subprocess.run([sys.executable, "-m", "SCons", "-Q", "-C", args.directory, option])
+    return 0 if done.returncode == 0 else 1
+
+
 def _quote(args) -> int:
     from . import attest
 
@@ -249,7 +271,7 @@ def _verify(args) -> int:
 
 
 COMMANDS = {"measure": _print_measure, "pack": _pack, "inspect": _inspect, "diff": _diff, "fetch": _fetch,
-            "cache": _cache, "doctor": _doctor, "quote": _quote, "verify": _verify}
+            "cache": _cache, "doctor": _doctor, "quote": _quote, "verify": _verify, "lock": _lock}
 
 
 def main(argv=None) -> int:

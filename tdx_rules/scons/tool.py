@@ -10,6 +10,7 @@ a stage: this module reads the environment when the SConstruct is read.
 """
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -34,7 +35,7 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # left out: they hold only a docstring (tests/test_layout.py).
 _COMMON = ("errors.py", "fsutil.py", "stages/_entry.py")
 _FETCHING = ("stages/common.py", "upstream/sources.py", "upstream/fetch.py", "upstream/debpkg.py",
-             "upstream/signatures.py", "upstream/release.py")
+             "upstream/signatures.py", "upstream/release.py", "upstream/lock.py")
 _MEASURING = ("stages/measure.py", "measure/profiles.py", "measure/rtmr.py", "measure/rtmr0.py",
               "measure/mrtd.py", "measure/tdvf.py", "measure/pe.py", "measure/kernel_patch.py", "rootfs/verity.py")
 STAGE_CODE = {
@@ -157,7 +158,8 @@ def _python(module: str) -> str:
 
 
 # Where downloads go and come from, and the extra trusted keys: they change no output bytes.
-_CACHE_ARGS = '$( --cache "$TDX_CACHE" --mirror "$TDX_MIRROR" --keyring "$TDX_KEYRING" $)'
+_CACHE_ARGS = ('$( --cache "$TDX_CACHE" --mirror "$TDX_MIRROR" --keyring "$TDX_KEYRING" '
+               '--snapshot "$TDX_SNAPSHOT" $_TDX_REFRESH $)')
 
 
 def _write_config(target, source, env):
@@ -316,6 +318,76 @@ def _c_sources(nodes):
     return [n for n in nodes if str(n).endswith(".c")]
 
 
+_LOCKS = {}  # lock file path -> {"mode", "lock", "sha256", "node", "infos"}
+
+
+def _lock_state(env) -> dict:
+    """The lock of this SConstruct: its path, what ``--tdx-lock``/``--tdx-lock-check`` ask for,
+    and (when not writing one) the lock itself."""
+    from ..upstream.lock import LOCK_NAME, read_lock
+
+    path = os.path.join(env.Dir("#").abspath, LOCK_NAME)
+    if path not in _LOCKS:
+        mode = "check" if SCons.Script.GetOption("tdx_lock_check") else "write" if SCons.Script.GetOption(
+            "tdx_lock") else None
+        lock, digest = None, None
+        if mode is None:
+            try:
+                lock = read_lock(path)
+            except TdxError as error:
+                raise SCons.Errors.UserError(str(error)) from None
+            if lock is not None:
+                with open(path, "rb") as handle:
+                    digest = hashlib.sha256(handle.read()).hexdigest()
+        _LOCKS[path] = {"path": path, "mode": mode, "lock": lock, "sha256": digest, "node": None, "infos": {}}
+    return _LOCKS[path]
+
+
+def _locking(env, spec: str, where: str) -> dict:
+    """The stage config's ``lock`` entry for ``spec``: the locked files when a lock is in use."""
+    from ..upstream.lock import entry
+
+    state = _lock_state(env)
+    if state["lock"] is None or spec.startswith("file:"):
+        return {}
+    try:
+        return {"lock": entry(state["lock"], spec, state["path"], where)}
+    except TdxError as error:
+        raise SCons.Errors.UserError(str(error)) from None
+
+
+def _lock_source(env, spec: str, stage_nodes) -> None:
+    """With ``--tdx-lock``: the fetching stage resolves afresh (its indexes fetched again) and its
+    info record feeds the lock file (one target for all images)."""
+    state = _lock_state(env)
+    if state["mode"] is None or spec.startswith("file:"):
+        return
+    env.AlwaysBuild(stage_nodes)
+    info_node = stage_nodes[1]
+    if state["node"] is None:
+        state["node"] = env.Command(env.File(state["path"]), [], SCons.Action.Action(
+            _write_lock, cmdstr=None if _verbose(env) else "[tdx] lock $TARGET"))[0]
+        env.AlwaysBuild(state["node"])
+        env.NoClean(state["node"])
+        env.Precious(state["node"])
+        SCons.Script.Default(state["node"])
+    state["infos"][spec] = str(info_node)
+    env.Depends(state["node"], info_node)
+
+
+def _write_lock(target, source, env):
+    from ..upstream.lock import write_or_check
+
+    state = _LOCKS[str(target[0].abspath)]
+    try:
+        problem = write_or_check(state["path"], state["infos"], state["mode"] == "check")
+    except TdxError as error:
+        problem = str(error)
+    if problem:
+        raise SCons.Errors.BuildError(target[0], errstr=problem)
+    return 0
+
+
 def _verity_init() -> dict:
     """What the init needs to open a dm-verity root filesystem."""
     from ..rootfs.verity import GUEST_HELPER, KERNEL_PARAMETER
@@ -377,11 +449,12 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
     # minirootfs -> busybox
     spec, deps = _spec_inputs(env, values["minirootfs"] or sources.alpine_spec(values["alpine_version"], values["alpine_minor"]),
                               "minirootfs")
-    cfg = _config(env, work, "minirootfs", {"spec": spec})
+    cfg = _config(env, work, "minirootfs", dict({"spec": spec}, **_locking(env, spec, where)))
     minirootfs = _stage(env, "minirootfs", name, [work.File("minirootfs.tar.gz"), work.File("minirootfs.info.json")],
                         [cfg] + deps, f"{_python('minirootfs')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} "
                         f"--info ${{TARGETS[1]}} {_CACHE_ARGS}")
     stage_targets["minirootfs"] = minirootfs
+    _lock_source(env, spec, minirootfs)
     base = _stage(env, "busybox", name, [work.File("base.frag")], [minirootfs[0]],
                   f"{_python('busybox')} --minirootfs ${{SOURCES[0]}} --out $TARGET")
     stage_targets["busybox"] = base
@@ -394,10 +467,11 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
         modules_node = env.Dir(values["modules_dir"])
         modules_dir = str(modules_node)
         deps += _tree_inputs(env, modules_node.abspath)
-    cfg = _config(env, work, "kernel", {"spec": spec, "modules_dir": modules_dir})
+    cfg = _config(env, work, "kernel", dict({"spec": spec, "modules_dir": modules_dir}, **_locking(env, spec, where)))
     kernel = _stage(env, "kernel", name, [out.File(f"{name}-vmlinuz"), work.File("kernel.info.json")], [cfg] + deps,
                     f"{_python('kernel')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} --info ${{TARGETS[1]}} {_CACHE_ARGS}")
     stage_targets["kernel"] = kernel
+    _lock_source(env, spec, kernel)
     user_modules, user_module_files = [], []
     # A root filesystem needs the virtio disk driver and ext4 (modules or built in).
     for item in (values["kernel_modules"] + (list(ROOTFS_MODULES) if rootfs_node is not None else [])
@@ -463,12 +537,13 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
         _user_error(where, TdxError(f"ovmf {spec}: a firmware file carries no package version, so the launch "
                                     "profile cannot follow it; set ovmf_version (or TDX_IMAGE_OVMF_VERSION) to the "
                                     "edk2 release it is built from, e.g. '2024.02'"))
-    cfg = config("ovmf", spec=spec)
+    cfg = config("ovmf", spec=spec, **_locking(env, spec, where))
     ovmf = _stage(env, "ovmf", name, [out.File(f"{name}-ovmf.fd"), work.File("ovmf.info.json"),
                                       work.File("ovmf.profile.json")], [cfg] + deps,
                   f"{_python('ovmf')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} --info ${{TARGETS[1]}} "
                   f"--profile ${{TARGETS[2]}} {_CACHE_ARGS}")
     stage_targets["ovmf"] = ovmf[:2]
+    _lock_source(env, spec, ovmf)
     ovmf_profile = ovmf[2]
 
     # measurements: the OVMF release of the profile comes from the firmware actually used
@@ -510,7 +585,9 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
     finals = [initrd[0], kernel[0], ovmf[0]] + list(scripts) + [measured[r][0] for r in ("mrtd", "rtmr1", "rtmr2")]
     transcripts = [measured[r][1] for r in ("mrtd", "rtmr1", "rtmr2")]
     # User strings (guest paths) travel in the config, never in the command line.
-    cfg = _config(env, work, "manifest", {"name": name, "settings": values, "extra_files": list(extra)})
+    lock = _lock_state(env)
+    cfg = _config(env, work, "manifest", dict({"name": name, "settings": values, "extra_files": list(extra)},
+                                               **({"lock_sha256": lock["sha256"]} if lock["lock"] else {})))
     manifest_sources, manifest_args = [cfg], []
     for template, node in ([("--info {}", info) for info in (minirootfs[1], kernel[1], modules[1], ovmf[1])]
                            + [("--file program={}", node) for node in [binary_node] if node is not None]
@@ -571,10 +648,27 @@ def _reported_at_the_callers_line(method):
     return wrapper
 
 
+def _add_options() -> None:
+    """``scons --tdx-lock`` (write or refresh tdx.lock) and ``--tdx-lock-check`` (is it current?)."""
+    try:
+        SCons.Script.GetOption("tdx_lock")
+        return  # added by an earlier Environment
+    except AttributeError:
+        pass
+    SCons.Script.AddOption("--tdx-lock", dest="tdx_lock", action="store_true", default=False,
+                           help="tdx-rules: resolve every upstream input and write tdx.lock beside the SConstruct")
+    SCons.Script.AddOption("--tdx-lock-check", dest="tdx_lock_check", action="store_true", default=False,
+                           help="tdx-rules: fail when tdx.lock is not what the inputs resolve to now")
+
+
 def generate(env):
     """Add the builders and the rule to ``env``; set every variable they read."""
+    _add_options()
     env.SetDefault(**settings_table.construction_defaults())
     env["_tdx_c_sources"] = _c_sources
+    # scons --tdx-lock / --tdx-lock-check resolve afresh: cached indexes and checksum files are fetched again.
+    env["_TDX_REFRESH"] = "--refresh" if (SCons.Script.GetOption("tdx_lock")
+                                          or SCons.Script.GetOption("tdx_lock_check")) else ""
     # Content decisions as SCons makes them, without re-hashing unchanged files every run.
     env.Decider(statcache.decider)
     env.Append(BUILDERS={"_TdxConfig": _CONFIG})

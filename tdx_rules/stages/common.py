@@ -1,7 +1,6 @@
 """Argument and record helpers shared by the stage entry points."""
 
 import argparse
-import os
 
 from ..upstream.sources import Context, Resolved
 
@@ -18,15 +17,18 @@ def fetching_stage_arguments(prog: str, argv, extra_outputs=()):
     parser.add_argument("--cache", required=True, help="download cache directory")
     parser.add_argument("--mirror", default="", help="mirror prefix for upstream URLs")
     parser.add_argument("--keyring", default="", help="extra trusted public key files, colon-separated")
+    parser.add_argument("--snapshot", default="", help="snapshot archive bases, NAME=URL,... (TDX_SNAPSHOT)")
+    parser.add_argument("--refresh", action="store_true", help="fetch cached indexes and checksum files again")
     return parser.parse_args(argv)
 
 
-def context(args) -> Context:
+def context(args, config=None) -> Context:
+    """The download context of a stage; ``config["lock"]``, when present, pins what it resolves to."""
     return Context(cache=args.cache, mirror=args.mirror or None, log=lambda line: print(line, flush=True),
-                   keyring=args.keyring or None)
+                   keyring=args.keyring or None, locked=(config or {}).get("lock"), snapshot=args.snapshot or None,
+                   refresh=args.refresh)
 
 
 def input_record(resolved: Resolved) -> dict:
-    """How an input appears in the manifest: no local paths, only names and hashes."""
-    return {"spec": resolved.spec, "file": os.path.basename(resolved.path), "sha256": resolved.sha256,
-            "origin": resolved.origin}
+    """How an input appears in the manifest and the lock: no local paths, only names and hashes."""
+    return resolved.record()

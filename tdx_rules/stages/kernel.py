@@ -133,7 +133,7 @@ def build_kernel(spec_text: str, modules_dir, ctx, out_kernel: str, out_info: st
 def main(argv):
     args = fetching_stage_arguments("python -m tdx_rules.stages.kernel", argv)
     config = load_config(args.config)
-    build_kernel(config["spec"], config.get("modules_dir"), context(args), args.out, args.info)
+    build_kernel(config["spec"], config.get("modules_dir"), context(args, config), args.out, args.info)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=()
         "outputs": [{"path": os.path.basename(p), "sha256": sha256_file(p), "size": os.path.getsize(p)}
                     for p in sorted(outputs, key=os.path.basename)],
     }
+    if config.get("lock_sha256"):
+        manifest["lock"] = {"file": "tdx.lock", "sha256": config["lock_sha256"]}
     if verity_files:
         image = dict(files)["rootfs"]
         manifest["rootfs"] = rootfs_record(image, *verity_files)

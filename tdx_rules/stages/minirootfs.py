@@ -70,7 +70,7 @@ def build_minirootfs(spec: Spec, ctx, out: str) -> list:
 def main(argv):
     args = fetching_stage_arguments("python -m tdx_rules.stages.minirootfs", argv)
     config = load_config(args.config)
-    records = build_minirootfs(parse(config["spec"], "minirootfs"), context(args), args.out)
+    records = build_minirootfs(parse(config["spec"], "minirootfs"), context(args, config), args.out)
     write_json(args.info, {"inputs": records})
 
 

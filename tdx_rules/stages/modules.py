@@ -493,6 +493,8 @@ def main(argv) -> None:
     parser.add_argument("--cache", default=None, help="download cache (resolves cache: paths of the kernel info)")
     parser.add_argument("--mirror", default="", help="unused here; accepted like every fetching stage")
     parser.add_argument("--keyring", default="", help="unused here; accepted like every fetching stage")
+    parser.add_argument("--snapshot", default="", help="unused here; accepted like every fetching stage")
+    parser.add_argument("--refresh", action="store_true", help="unused here; accepted like every fetching stage")
     args = parser.parse_args(argv)
     config = read_json_object(args.config, "module stage config", "rebuild it")
     kernel = read_json_object(args.kernel_info, "kernel info", "rebuild it")

@@ -102,7 +102,7 @@ def build_ovmf(spec_text: str, ctx, out: str, info: str, profile: str, ovmf_vers
 def main(argv):
     args = fetching_stage_arguments("python -m tdx_rules.stages.ovmf", argv, extra_outputs=("--profile",))
     config = load_config(args.config)
-    build_ovmf(config["spec"], context(args), args.out, args.info, args.profile, config.get("ovmf_version"))
+    build_ovmf(config["spec"], context(args, config), args.out, args.info, args.profile, config.get("ovmf_version"))
 
 
 if __name__ == "__main__":

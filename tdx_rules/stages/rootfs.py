@@ -94,6 +94,8 @@ def main(argv):
     parser.add_argument("--cache", required=True)
     parser.add_argument("--mirror", default="", help="unused; accepted like every fetching stage")
     parser.add_argument("--keyring", default="", help="unused; accepted like every fetching stage")
+    parser.add_argument("--snapshot", default="", help="unused here; accepted like every fetching stage")
+    parser.add_argument("--refresh", action="store_true", help="unused here; accepted like every fetching stage")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     build_rootfs(args.source, args.agent, config, args.out, args.cache, log=lambda line: print(line, flush=True))

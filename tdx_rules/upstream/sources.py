@@ -46,12 +46,25 @@ class Spec:
 
 @dataclasses.dataclass(frozen=True)
 class Resolved:
-    """A verified local file and where it came from (for the manifest)."""
+    """A verified local file and where it came from (for the manifest and the lock file)."""
 
     spec: str
     path: str
     sha256: str
     origin: str
+    url: Optional[str] = None        # where it was downloaded from
+    package: Optional[str] = None    # apt: the package and the version resolved
+    version: Optional[str] = None
+    snapshot: Optional[dict] = None  # {"archive", "path"}: where a snapshot archive keeps it
+
+    def record(self) -> dict:
+        """How it appears in the manifest and the lock: no local paths, only names and hashes."""
+        out = {"spec": self.spec, "file": os.path.basename(self.path), "sha256": self.sha256,
+               "origin": self.origin, "size": os.path.getsize(self.path)}
+        out.update({key: value for key, value in (("url", self.url), ("package", self.package),
+                                                  ("version", self.version), ("snapshot", self.snapshot))
+                    if value is not None})
+        return out
 
 
 def parse(text: str, what: str = "source") -> Spec:
@@ -144,6 +157,9 @@ class Context:
     mirror: Optional[str] = None
     log: object = print
     keyring: Optional[str] = None
+    locked: Optional[dict] = None    # the lock file's entry of the stage's spec: {"locked", "files"}
+    snapshot: Optional[str] = None   # a TDX_SNAPSHOT value (snapshot archive bases)
+    refresh: bool = False            # fetch cached indexes and checksum files again (writing a lock)
 
     def trust(self, kind: str):
         from .signatures import trust_for
@@ -209,7 +225,7 @@ def _index_sha256(ctx: Context, base: str, suites, package: str, version: str, w
     """
     from . import fetch
 
-    for refresh in (False, True):
+    for refresh in ((True,) if ctx.refresh else (False, True)):
         for suite in suites:
             release = _signed_release(ctx, base, suite, kind, what, refresh)
             listed = [name for name in ("Packages.xz", "Packages.gz")
@@ -247,7 +263,7 @@ def _alpine(spec: Spec, ctx: Context) -> "Resolved":
                 trust.verify(f"minirootfs {filename}", handle.read(), signature)
         return check
 
-    for refresh in (False, True):
+    for refresh in ((True,) if ctx.refresh else (False, True)):
         text = fetch.fetch_text(spec.url + ".sha256", cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, refresh=refresh)
         try:
             signature = fetch.fetch_text(spec.url + ".asc", cache=ctx.cache, mirror=ctx.mirror, log=ctx.log,
@@ -265,11 +281,80 @@ def _alpine(spec: Spec, ctx: Context) -> "Resolved":
                 fetch.forget_text(spec.url + ".asc", cache=ctx.cache)
                 raise
             continue
-        return Resolved(spec.text, path, sha, spec.url)
+        return Resolved(spec.text, path, sha, spec.url, url=spec.url)
+
+
+def apt_origin(package: str, version: str):
+    """(archive name, pool path) of package=version as the host's apt knows it, for the lock's
+    snapshot fallback; None when apt does not say."""
+    try:
+        show = subprocess.run(["apt-cache", "show", f"{package}={version}"], capture_output=True, text=True).stdout
+        policy = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    filename = next((line.split(":", 1)[1].strip() for line in show.splitlines() if line.startswith("Filename:")), None)
+    lines, archive = policy.splitlines(), None
+    for index, line in enumerate(lines):
+        if line.strip().lstrip("*").split()[:1] == [version]:
+            for source in lines[index + 1:]:
+                words = source.split()
+                if len(words) >= 2 and re.match(r"^[a-z+]+:", words[1]):  # "500 http://host/debian suite/..."
+                    archive = words[1].rstrip("/").rsplit("/", 1)[-1]
+                    break
+                if len(words) >= 2 and not words[0].isdigit():
+                    break
+            break
+    return (archive, filename) if archive and filename else None
+
+
+def _locked(spec: Spec, ctx: Context, what: str) -> List[Resolved]:
+    """The lock's files of ``spec``: each verified by its SHA-256, from where it was found, else from
+    the snapshot archive of its distribution; no index is fetched."""
+    from ..fsutil import sha256_file
+    from . import fetch
+    from .lock import snapshot_bases
+
+    files = [f for f in ctx.locked["files"] if f.get("spec") == spec.text]
+    if not files:
+        raise TdxError(f"{what}: {spec.text} resolved to something tdx.lock does not hold; run scons --tdx-lock "
+                       "to refresh the lock")
+    out = []
+    for item in files:
+        sha, path = item["sha256"], None
+        if item.get("url"):  # a named upstream or a URL: from where it was found
+            try:
+                path = fetch.fetch(item["url"], sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log,
+                                   name=item.get("file"))
+            except NotFound:
+                path = None
+        elif item.get("package"):  # apt: the host's apt, at the locked version
+            try:
+                path = fetch.apt_download(item["package"], item["version"], cache=ctx.cache, log=ctx.log)
+            except TdxError:
+                path = None  # the host's apt no longer offers it: the snapshot archive below
+            if path is not None and sha256_file(path) != sha:
+                raise TdxError(f"{what}: apt:{item['package']}={item['version']} is not the file tdx.lock pins "
+                               f"({sha}); the archive rebuilt it: run scons --tdx-lock to lock the new one")
+        if path is None:
+            snapshot = item.get("snapshot")
+            if not snapshot:
+                raise TdxError(f"{what}: {item.get('file')} of {spec.text} (locked) is no longer offered and has "
+                               "no snapshot archive; pin another version and run scons --tdx-lock")
+            bases = snapshot_bases(ctx.snapshot)
+            base = bases.get(snapshot.get("archive"))
+            if base is None:
+                raise TdxError(f"{what}: no snapshot archive is known for {snapshot.get('archive')!r}; "
+                               "name one in TDX_SNAPSHOT (NAME=URL)")
+            url = f"{base}/{ctx.locked['locked']}/{snapshot['path'].lstrip('./')}"
+            path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, name=item.get("file"))
+        out.append(Resolved(spec.text, path, sha, item.get("url") or "apt", url=item.get("url"),
+                            package=item.get("package"), version=item.get("version"), snapshot=item.get("snapshot")))
+    return out
 
 
 def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved]:
-    """Fetch and verify the files of ``spec``; return them in a fixed order."""
+    """Fetch and verify the files of ``spec``; return them in a fixed order. With a lock
+    (``ctx.locked``), exactly the locked files."""
     from ..fsutil import sha256_file
     from . import fetch
 
@@ -277,25 +362,39 @@ def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved
         if not os.path.isfile(spec.path):
             raise TdxError(f"{what}: {spec.path} does not exist or is not a file; fix the path in {spec.text!r}")
         return [Resolved(spec.text, spec.path, sha256_file(spec.path), "file")]
+    if ctx.locked is not None:
+        return _locked(spec, ctx, what)
     if spec.kind == "apt":
         # Pin the candidate version first: a cached .deb of it is then used without network.
         version = spec.version or apt_candidate(spec.package)
         path = fetch.apt_download(spec.package, version, cache=ctx.cache, log=ctx.log)
-        return [Resolved(spec.text, path, sha256_file(path), "apt")]
+        origin = apt_origin(spec.package, version) if version else None
+        return [Resolved(spec.text, path, sha256_file(path), "apt", package=spec.package,
+                         version=version or _deb_version(path),
+                         snapshot={"archive": origin[0], "path": origin[1]} if origin else None)]
     if spec.kind == "url":
         path = fetch.fetch(spec.url, spec.sha256, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
-        return [Resolved(spec.text, path, spec.sha256, spec.url)]
+        return [Resolved(spec.text, path, spec.sha256, spec.url, url=spec.url)]
     if spec.kind == "alpine":
         return [_alpine(spec, ctx)]
     if spec.kind == "ubuntu-kernel":
         out = []
         for package, version, url in ubuntu_kernel_debs(spec.version):
             sha = _index_sha256(ctx, UBUNTU_ARCHIVE, UBUNTU_KERNEL_SUITES, package, version, what, "ubuntu-kernel")
-            out.append(Resolved(spec.text, fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log), sha, url))
+            path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+            out.append(Resolved(spec.text, path, sha, url, url=url, package=package, version=version,
+                                snapshot={"archive": "ubuntu", "path": url[len(UBUNTU_ARCHIVE) + 1:]}))
         return out
     if spec.kind == "canonical-ovmf":
         package, version, url = canonical_ovmf_deb(spec.version)
         sha = _index_sha256(ctx, CANONICAL_OVMF_PPA, (CANONICAL_OVMF_SUITE,), package, version, what,
                             "canonical-ovmf")
-        return [Resolved(spec.text, fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log), sha, url)]
+        path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+        return [Resolved(spec.text, path, sha, url, url=url, package=package, version=version)]
     raise TdxError(f"{what}: a {spec.kind!r} spec cannot be used here")
+
+
+def _deb_version(path: str) -> Optional[str]:
+    from .debpkg import DebPackage
+
+    return DebPackage(path).control.get("Version")
