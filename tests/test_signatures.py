@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -47,17 +48,33 @@ def nothing_cached_from(cache, *rels_or_bytes):
         assert all(data != item for item in wanted), path
 
 
-def test_shipped_keys_have_the_fingerprints_of_the_table():
+# The fingerprints as their owners publish them: https://alpinelinux.org/downloads/ ("GPG key"),
+# https://wiki.ubuntu.com/SecurityTeam/FAQ (the archive's signing keys).
+PUBLISHED_FINGERPRINTS = {
+    "alpine": {"0482 D840 22F5 2DF1 C4E7  CD43 293A CD09 07D9 495A"},
+    "ubuntu-kernel": {"790B C727 7767 219C 42C8  6F93 3B4F E6AC C0B2 1F32",
+                      "F6EC B376 2474 EDA9 D21B  7022 8719 20D1 991B C93C"},
+}
+
+
+def test_the_pinned_fingerprints_are_the_published_ones():
+    pinned = {kind: {key.fingerprint for key in keys} for kind, keys in signatures.PINNED.items() if keys}
+    assert pinned == {kind: {fp.replace(" ", "") for fp in fps} for kind, fps in PUBLISHED_FINGERPRINTS.items()}
+
+
+def test_shipped_keys_have_the_fingerprints_of_the_table_and_are_usable():
     for kind, keys in signatures.PINNED.items():
         for key in keys:
-            if key.file is None:
-                continue
-            listing = subprocess.run(["gpg", "--batch", "--show-keys", "--with-colons",
-                                      os.path.join(signatures.KEYS_DIR, key.file)],
-                                     capture_output=True, text=True, check=True).stdout
-            primaries = [line.split(":")[9] for i, line in enumerate(listing.splitlines())
-                         if line.startswith("fpr") and listing.splitlines()[i - 1].startswith("pub")]
+            assert key.file is not None, (kind, key.label)
+            lines = subprocess.run(["gpg", "--batch", "--show-keys", "--with-colons",
+                                    os.path.join(signatures.KEYS_DIR, key.file)],
+                                   capture_output=True, text=True, check=True).stdout.splitlines()
+            primaries = {line.split(":")[9]: lines[i - 1].split(":") for i, line in enumerate(lines)
+                         if line.startswith("fpr") and lines[i - 1].startswith("pub")}
             assert key.fingerprint in primaries, (kind, key.label)
+            pub = primaries[key.fingerprint]
+            assert pub[1] not in ("e", "r") and "s" in pub[11].lower(), (kind, key.label, pub)  # not expired/revoked; signs
+            assert pub[6] == "" or int(pub[6]) > time.time(), (kind, key.label, "expires")
     shipped = set(os.listdir(signatures.KEYS_DIR))
     assert shipped == {key.file for keys in signatures.PINNED.values() for key in keys if key.file}
 
@@ -154,11 +171,13 @@ def test_the_minirootfs_is_checked_against_its_asc(project, upstream_mirror, tmp
     nothing_cached_from(tmp_path / "cache", tarball)
 
 
-def test_alpine_needs_its_release_key_which_does_not_ship(project, upstream_mirror, tmp_path):
+def test_by_default_only_alpines_own_key_may_sign_the_minirootfs(project, upstream_mirror, tmp_path):
+    tarball = upstream_mirror.tree.read(TARBALL)
     line = assert_one_clean_error(build(project, upstream_mirror, tmp_path / "cache", target="hello-minirootfs",
                                         TDX_RULES_KEYRING=""))
+    assert "alpine-minirootfs-3.21.0-x86_64.tar.gz" in line and "not trusted for alpine" in line
     assert "0482 D840 22F5 2DF1 C4E7 CD43 293A CD09 07D9 495A" in line and "TDX_RULES_KEYRING" in line
-    assert "https://alpinelinux.org/keys/ncopa.asc" in line
+    nothing_cached_from(tmp_path / "cache", tarball)
 
 
 def test_a_missing_keyring_file_is_named(project, upstream_mirror, tmp_path):

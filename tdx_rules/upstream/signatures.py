@@ -9,10 +9,10 @@ Which key may sign what (:data:`PINNED`), each fingerprint with its public sourc
   ``ubuntu-archive-keyring.gpg``); the fingerprints are those Ubuntu lists on
   https://wiki.ubuntu.com/SecurityTeam/FAQ ("ftpmaster@ubuntu.com").
 - ``alpine:``: Alpine's release signing key (Natanael Copa), which signs every release file's
-  detached ``.asc``; its fingerprint is the one https://alpinelinux.org/downloads/ publishes.
-  The key itself could not be obtained for this build of tdx-rules (alpinelinux.org was not
-  reachable), so it does not ship: give it in ``TDX_RULES_KEYRING`` (from
-  https://alpinelinux.org/keys/ncopa.asc).
+  detached ``.asc``; its fingerprint is the one https://alpinelinux.org/downloads/ publishes
+  (the key is https://alpinelinux.org/keys/ncopa.asc). The key ships in ``keys/alpine-release.gpg``
+  (exported minimal: the primary key, its user ID and encryption subkey); the fingerprint check
+  below, not where the file came from, is what makes it Alpine's.
 - ``canonical-ovmf:``: the signing key of Canonical's TDX PPA (kobuk-team/tdx-release). No
   public source of its fingerprint was found, so none is pinned: the key is a required setting
   (``TDX_RULES_KEYRING``) rather than whatever key the PPA serves.
@@ -56,13 +56,13 @@ PINNED: Dict[str, Tuple[PinnedKey, ...]] = {
                   "ubuntu-archive.gpg"),
     ),
     "alpine": (
-        PinnedKey("Alpine Linux release signing key (Natanael Copa)", "0482D84022F52DF1C4E7CD43293ACD0907D9495A", None),
+        PinnedKey("Alpine Linux release signing key (Natanael Copa)", "0482D84022F52DF1C4E7CD43293ACD0907D9495A",
+                  "alpine-release.gpg"),
     ),
     "canonical-ovmf": (),
 }
 # Where a user finds a key that does not ship.
-KEY_SOURCES = {"alpine": "https://alpinelinux.org/keys/ncopa.asc",
-               "canonical-ovmf": "the PPA's page on Launchpad (https://launchpad.net/~kobuk-team/+archive/ubuntu/"
+KEY_SOURCES = {"canonical-ovmf": "the PPA's page on Launchpad (https://launchpad.net/~kobuk-team/+archive/ubuntu/"
                                  "tdx-release, 'Signing key')"}
 
 
