@@ -30,6 +30,8 @@ from child import timed as child_timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = "import sys; from tdx_rules.initramfs.pack import main_pack; sys.exit(main_pack(sys.argv[1:]))"
+GZIP_SETUP = ("from tdx_rules.initramfs import pgzip; "
+              "print(f'{pgzip.compressor_identity()}, level {pgzip.DEFAULT_LEVEL}, {pgzip.DEFAULT_BLOCK_SIZE >> 10} KiB blocks')")
 GNU_CPIO = "find . | LC_ALL=C sort | cpio -o -H newc --reproducible -R 0:0 --quiet"
 REFERENCE = {  # compression -> (label, filter after GNU cpio)
     "gzip": ("gzip -9n", "gzip -9n"),
@@ -94,6 +96,12 @@ def make_tree(root, size_mb, files, seed=20240601):
 
 def timed(command, cwd=None):
     return child_timed(command, cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def gzip_setup() -> str:
+    """The deflate library and the defaults `pack --compress gzip` runs with."""
+    return subprocess.run([sys.executable, "-c", GZIP_SETUP], env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
 def ours(tree, out, compression, threads):
@@ -202,6 +210,8 @@ def main():
     print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
     for row in rows:
         print("| " + " | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + " |")
+    if "gzip" in formats:
+        print(f"pack's gzip: {gzip_setup()}")
     if "gzip" in formats and not pigz:
         print("pigz not installed (no pigz row)")
     for line in checks:

@@ -24,8 +24,9 @@ What is kept of the host's metadata:
 Compressions, each in the form the kernel's unpacker (``init/initramfs.c``
 through ``lib/decompress_*.c``) reads:
 
-* ``gzip`` (default, level 9): :mod:`tdx_rules.pgzip`, parallel and
-  thread-count independent. Needs ``CONFIG_RD_GZIP``.
+* ``gzip`` (default, level 9): :mod:`tdx_rules.pgzip`, zlib-ng's deflate
+  (the pinned ``zlib-ng`` package), parallel, the same bytes for any thread
+  count and any CPU. Needs ``CONFIG_RD_GZIP``.
 * ``zstd`` (level 19, the kernel's own choice for initramfs): the
   ``zstandard`` module, always in multi-threaded mode (>= 1 worker), whose
   output zstd guarantees to be the same for any number of workers (the
@@ -63,7 +64,7 @@ from . import newc, pgzip
 
 COMPRESSIONS = ("gzip", "zstd", "xz", "lz4", "none")
 KERNEL_OPTION = {"gzip": "CONFIG_RD_GZIP", "zstd": "CONFIG_RD_ZSTD", "xz": "CONFIG_RD_XZ", "lz4": "CONFIG_RD_LZ4"}
-DEFAULT_LEVEL = {"gzip": 9, "zstd": 19, "xz": 6, "lz4": 9, "none": None}
+DEFAULT_LEVEL = {"gzip": pgzip.DEFAULT_LEVEL, "zstd": 19, "xz": 6, "lz4": 9, "none": None}
 LEVEL_RANGE = {"gzip": (1, 9), "zstd": (1, 22), "xz": (0, 9), "lz4": (1, 12)}
 SUFFIX = {"gzip": ".gz", "zstd": ".zst", "xz": ".xz", "lz4": ".lz4", "none": ""}
 
@@ -427,19 +428,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="the initramfs to write (replaced atomically)")
     parser.add_argument("--compress", default="gzip", metavar="|".join(COMPRESSIONS),
                         help="compression (default gzip)")
-    parser.add_argument("--level", type=int,
-                        help="compression level (defaults: gzip 9, zstd 19, xz 6, lz4 9)")
+    defaults = ", ".join(f"{name} {level}" for name, level in DEFAULT_LEVEL.items() if level is not None)
+    parser.add_argument("--level", type=int, help=f"compression level (defaults: {defaults})")
     parser.add_argument("--threads", type=_threads_arg, default=None,
                         help="compression threads, a number or 'all' (default all; the bytes are the same)")
     parser.add_argument("--kernel-config", help="the kernel's .config (or config.gz): refuse a compression "
                                                 "it cannot unpack")
     parser.add_argument("--epoch", type=int, default=None,
                         help="mtime of every member (default $SOURCE_DATE_EPOCH, else 0)")
+    parser.add_argument("--compressor", metavar="IDENTITY",
+                        help="gzip only: stop unless the deflate library is this one, e.g. "
+                             "'zlib-ng 2.3.3 (python zlib-ng 1.1.0)' (TdxPack passes what the build saw)")
 
 
 def run(args) -> None:
     """Carry out parsed ``pack`` arguments; raises :class:`TdxError`."""
     comp = compressor(args.compress, args.level, args.threads)
+    if args.compressor is not None:
+        if comp.name != "gzip":
+            raise TdxError(f"--compressor names the gzip library; compression {comp.name!r} does not use it: drop it")
+        pgzip.check_compressor(args.compressor)
     if args.kernel_config:
         check_kernel_supports(comp.name, read_kernel_config(args.kernel_config))
     epoch = args.epoch

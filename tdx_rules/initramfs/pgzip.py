@@ -1,49 +1,68 @@
-"""Parallel gzip whose bytes do not depend on the number of threads.
+"""Parallel gzip whose bytes do not depend on the number of threads or the CPU.
 
 The input is cut into blocks of a fixed size (``block_size``, default
 128 KiB) at fixed offsets. Each block is compressed on its own by a raw
-deflate stream (``zlib.compressobj(level, DEFLATED, -15, 8)``) primed with
-the 32 KiB of input that precede the block as a preset dictionary, so
-matches may still reach back into the previous block, as in one long
-deflate stream. Every block but the last ends with ``Z_SYNC_FLUSH`` (an
-empty stored block, which leaves the stream byte-aligned and not final);
-the last ends with ``Z_FINISH``. Concatenated, the blocks form one ordinary
-deflate stream, wrapped in one RFC 1952 gzip member: `gzip -d`, Python's
-``gzip`` module and the kernel's initramfs unpacker read it like any other.
+deflate stream (``compressobj(level, DEFLATED, -15, 8)``) primed with the
+32 KiB of input that precede the block as a preset dictionary, so matches
+may still reach back into the previous block, as in one long deflate
+stream. Every block but the last ends with ``Z_SYNC_FLUSH`` (an empty stored
+block, which leaves the stream byte-aligned and not final); the last ends
+with ``Z_FINISH``. Concatenated, the blocks form one ordinary deflate
+stream, wrapped in one RFC 1952 gzip member: `gzip -d`, Python's ``gzip``
+module and the kernel's initramfs unpacker read it like any other.
+
+The deflate library is zlib-ng, through the Python package ``zlib-ng``
+pinned in pyproject.toml (its wheel bundles the C library), not the
+host's system zlib behind the standard library's ``zlib``: the initramfs
+bytes, and so RTMR[2], must not depend on how the host built its zlib.
+zlib-ng has one hash function for every CPU (zlib-ng PR #1681) and gives the
+same output after ``deflateReset`` (2.3.3, PR #2102), so the bytes depend on
+the zlib-ng version only, never on the CPU's features (SSE2 .. AVX-512) or
+the thread count. :func:`compressor_identity` names that version; the build
+records it in the manifest and reruns compression when it changes.
 
 A block's compressed bytes are a function of the block and the 32 KiB
-before it only, never of which thread compressed it or when, so the output
-is identical for 1..N threads (it does depend on the zlib library: the same
-zlib version gives the same bytes). The threads run ``deflate`` with the
-GIL released; at most ``2 * threads`` blocks are in flight and results are
-written in input order, so memory stays bounded whatever the input size.
-The CRC-32 is computed sequentially over the input (cheap next to deflate).
+before it only, never of which thread compressed it or when. The threads
+run ``deflate`` with the GIL released; at most ``2 * threads`` blocks are in
+flight and results are written in input order, so memory stays bounded
+whatever the input size. The CRC-32 is computed sequentially over the input
+(cheap next to deflate).
 
 The gzip header is fixed: no file name, mtime 0, XFL 2 at level 9, 4 at
 level 1, 0 otherwise (RFC 1952), and OS 3 (Unix), which is what
 `gzip -9n` writes on Linux, so the first 10 bytes match GNU gzip's.
 
-The price of independent blocks is a 4-5 byte sync marker per block and
-restarted Huffman statistics. Measured against `gzip -9n` on initramfs-like
-data (binaries, shared objects, text, random), the output came out between
-0.6 % smaller and 0.01 % larger (tests/test_pack.py, bench/pack.py).
-memLevel 8 (zlib's default, the same 32 KiB literal buffer as GNU gzip) beat
-memLevel 9 by up to 0.8 % on text-heavy input; 64 KiB..1 MiB blocks were
-within about 0.1 % of each other, and 128 KiB keeps every CPU busy on small
-archives.
+Level 9 is the default (README "Packing your own tree" has the numbers): on
+160 MB of binaries, shared objects, kernel modules and Python sources it
+came out 0.15 % smaller than `gzip -9n` and about 4x faster than the
+standard library's zlib at 9 (which was 0.06 % larger), while zlib-ng's
+levels 2..8 were 11 % .. 2.2 % larger there (they win only on synthetic
+data). memLevel 8 (the same 32 KiB literal buffer as GNU gzip) beat memLevel
+9 by 0.3-0.6 % at level 9. Smaller blocks compress slightly better (the Huffman
+tables adapt more often; 64 KiB..1 MiB within 0.1 %); 128 KiB keeps every
+CPU busy on small archives and costs a 4-5 byte sync marker per block.
 """
 
 import collections
+import importlib.metadata
 import os
 import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Callable, Deque, Optional
 
 from ..errors import TdxError
 
+try:
+    import zlib_ng
+    from zlib_ng import zlib_ng as deflate_library
+except ImportError:  # reported by _library(), when gzip is asked for
+    zlib_ng = deflate_library = None
+
+# The Python package whose bundled zlib-ng does the deflate (pinned in pyproject.toml).
+DEFLATE_PACKAGE = "zlib-ng"
 WINDOW = 32 * 1024
 DEFAULT_BLOCK_SIZE = 128 * 1024
+DEFAULT_LEVEL = 9
 MEM_LEVEL = 8
 OS_UNIX = 3
 READ_SIZE = 1 << 20
@@ -104,6 +123,33 @@ class OrderedPool:
             self._executor = None
 
 
+def _library():
+    if deflate_library is None:
+        raise TdxError(f"gzip compression needs the Python package {DEFLATE_PACKAGE} (pinned in tdx-rules' "
+                       f"pyproject.toml): pip install the version tdx-rules names, or ./run setup")
+    return deflate_library
+
+
+def compressor_identity() -> str:
+    """What makes the gzip bytes, e.g. ``zlib-ng 2.3.3 (python zlib-ng 1.1.0)``: the zlib-ng
+    library version and the version of the Python package that bundles it (the one imported)."""
+    library = _library()
+    site = os.path.dirname(os.path.dirname(os.path.abspath(zlib_ng.__file__)))
+    found = [dist.version for dist in importlib.metadata.distributions(name=DEFLATE_PACKAGE, path=[site])]
+    package = found[0] if found else getattr(zlib_ng, "__version__", "unknown")
+    return f"zlib-ng {library.ZLIBNG_VERSION} (python {DEFLATE_PACKAGE} {package})"
+
+
+def check_compressor(expected: str) -> None:
+    """Refuse to compress unless :func:`compressor_identity` is ``expected`` (what the build
+    declared, so that its signature names the library that really runs)."""
+    actual = compressor_identity()
+    if actual != expected:
+        raise TdxError(f"the gzip compressor here is {actual}, but the build declared {expected}: the SCons "
+                       "process and the stage import different zlib-ng packages; give both the same Python "
+                       "environment (PYTHONPATH)")
+
+
 def gzip_header(level: int) -> bytes:
     xfl = 2 if level == 9 else 4 if level == 1 else 0
     # ID1 ID2 CM=deflate FLG=0 MTIME=0 XFL OS
@@ -111,11 +157,12 @@ def gzip_header(level: int) -> bytes:
 
 
 def _deflate_block(level: int, data: bytes, dictionary: bytes, last: bool) -> bytes:
+    lib = deflate_library
     if dictionary:
-        comp = zlib.compressobj(level, zlib.DEFLATED, -15, MEM_LEVEL, zlib.Z_DEFAULT_STRATEGY, dictionary)
+        comp = lib.compressobj(level, lib.DEFLATED, -15, MEM_LEVEL, lib.Z_DEFAULT_STRATEGY, dictionary)
     else:
-        comp = zlib.compressobj(level, zlib.DEFLATED, -15, MEM_LEVEL, zlib.Z_DEFAULT_STRATEGY)
-    return comp.compress(data) + comp.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+        comp = lib.compressobj(level, lib.DEFLATED, -15, MEM_LEVEL, lib.Z_DEFAULT_STRATEGY)
+    return comp.compress(data) + comp.flush(lib.Z_FINISH if last else lib.Z_SYNC_FLUSH)
 
 
 class CountingWriter:
@@ -177,7 +224,9 @@ class GzipWriter(CountingWriter):
     exception abandons the stream (no trailer) and stops the threads.
     """
 
-    def __init__(self, dst: BinaryIO, level: int = 9, threads=None, block_size: int = DEFAULT_BLOCK_SIZE):
+    def __init__(self, dst: BinaryIO, level: int = DEFAULT_LEVEL, threads=None,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
+        _library()
         if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 9:
             raise TdxError(f"gzip level {level!r} is out of range: pick 1..9")
         if not isinstance(block_size, int) or block_size < 1024:
@@ -196,7 +245,7 @@ class GzipWriter(CountingWriter):
         return _deflate_block(self._level, data, dictionary, last)
 
     def _submit(self, block: bytes, last: bool) -> None:
-        self._crc = zlib.crc32(block, self._crc)
+        self._crc = deflate_library.crc32(block, self._crc)
         self._pool.submit(block, self._history, last)
         self._history = (self._history + block)[-WINDOW:] if len(block) < WINDOW else block[-WINDOW:]
 
@@ -226,7 +275,7 @@ class GzipWriter(CountingWriter):
         self._pool.close()
 
 
-def compress_gzip(src_fileobj: BinaryIO, dst_fileobj: BinaryIO, level: int = 9, threads=None,
+def compress_gzip(src_fileobj: BinaryIO, dst_fileobj: BinaryIO, level: int = DEFAULT_LEVEL, threads=None,
                   block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     """Gzip everything ``src_fileobj`` yields onto ``dst_fileobj``; return the input size.
 

@@ -26,41 +26,8 @@ from .. import settings as settings_table
 from ..errors import ERROR_PREFIX, TdxError
 from ..upstream import sources
 from . import statcache
-
-# The package root: STAGE_CODE names files relative to it.
-PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The code each stage runs, besides _COMMON: a changed file reruns the stage.
-# tests/test_tool.py checks this against the modules' real imports. Package __init__.py files are
-# left out: they hold only a docstring (tests/test_layout.py).
-_COMMON = ("errors.py", "fsutil.py", "stages/_entry.py")
-_FETCHING = ("stages/common.py", "upstream/sources.py", "upstream/fetch.py", "upstream/debpkg.py",
-             "upstream/signatures.py", "upstream/release.py", "upstream/lock.py")
-_MEASURING = ("stages/measure.py", "measure/profiles.py", "measure/rtmr.py", "measure/rtmr0.py",
-              "measure/mrtd.py", "measure/tdvf.py", "measure/pe.py", "measure/kernel_patch.py", "rootfs/verity.py")
-STAGE_CODE = {
-    "program": ("stages/program.py", "elf.py"),
-    "minirootfs": ("stages/minirootfs.py",) + _FETCHING,
-    "busybox": ("stages/busybox.py", "initramfs/newc.py"),
-    "kernel": ("stages/kernel.py",) + _FETCHING,
-    "modules": ("stages/modules.py", "initramfs/newc.py"),
-    "init": ("stages/init.py", "initramfs/newc.py", "render.py", "templates/init.sh.j2", "templates/udhcpc.sh"),
-    "cpio": ("stages/cpio.py", "initramfs/newc.py", "elf.py"),
-    "compress": ("stages/compress.py", "initramfs/pgzip.py"),
-    "ovmf": ("stages/ovmf.py", "measure/profiles.py") + _FETCHING,
-    "scripts": ("stages/scripts.py", "render.py", "settings.py", "measure/launch.py", "measure/profiles.py",
-                "rootfs/verity.py",
-                "templates/launch-tdx.sh.j2", "templates/run-qemu.sh.j2"),
-    "manifest": ("stages/manifest.py", "measure/launch.py", "measure/profiles.py", "rootfs/verity.py"),
-    "rootfs": ("stages/rootfs.py", "rootfs/verity.py", "rootfs/formats.py", "rootfs/layers.py", "rootfs/tarscan.py", "rootfs/member.py",
-               "rootfs/tree.py", "rootfs/ext4.py", "rootfs/ext4_writer.py"),
-    "pack": ("initramfs/pack.py", "initramfs/pgzip.py", "initramfs/newc.py"),
-    "mrtd": _MEASURING,
-    "rtmr1": _MEASURING,
-    "rtmr2": _MEASURING,
-}
-# The stages "finalize" stands for in the docs: compression, measurements, scripts, manifest.
-FINALIZE = ("compress", "mrtd", "rtmr1", "rtmr2", "scripts", "manifest")
+from .stage_code import COMMON as _COMMON
+from .stage_code import PACKAGE_DIR, STAGE_CODE
 
 _TRUE = ("1", "true", "yes", "on")
 AGENT_PATH = "/sbin/vm-agent"
@@ -301,10 +268,27 @@ def tdx_pack(env, target, source, compress="gzip", level=None):
     if not os.path.isdir(directory.abspath):
         raise SCons.Errors.UserError(f"{where}: {directory} is not a directory")
     level_arg = f" --level {int(level)}" if level is not None else ""
-    return _stage(env, "pack", os.path.basename(str(target)), [env.File(target)],
-                  [directory] + _tree_inputs(env, directory.abspath),
-                  f"$( $TDX_PYTHON $) -m tdx_rules.initramfs.pack ${{SOURCES[0]}} -o $TARGET --compress {compress}{level_arg} "
-                  f"--epoch {_source_date_epoch()}")
+    compressor = _gzip_compressor(where) if compress == "gzip" else None
+    level_arg += f' --compressor "{compressor}"' if compressor else ""
+    nodes = _stage(env, "pack", os.path.basename(str(target)), [env.File(target)],
+                   [directory] + _tree_inputs(env, directory.abspath),
+                   f"$( $TDX_PYTHON $) -m tdx_rules.initramfs.pack ${{SOURCES[0]}} -o $TARGET --compress {compress}{level_arg} "
+                   f"--epoch {_source_date_epoch()}")
+    if compressor:
+        env.Depends(nodes, env.Value(compressor))
+    return nodes
+
+
+def _gzip_compressor(where: str) -> str:
+    """The gzip deflate library as this process imports it (``pgzip.compressor_identity``). A stage
+    that gzips gets it as a Value dependency, so a new zlib-ng reruns compression, and as
+    ``--compressor`` on its command line, so the stage stops if it imports another one."""
+    from ..initramfs.pgzip import compressor_identity
+
+    try:
+        return compressor_identity()  # versions only: nothing to quote inside "..."
+    except TdxError as error:
+        _user_error(where, error)
 
 
 def _source_date_epoch() -> int:
@@ -518,8 +502,12 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
                   f"{_python('cpio')} --config ${{SOURCES[0]}} --fragment ${{SOURCES[1]}} "
                   f"--fragment ${{SOURCES[2]}} --fragment ${{SOURCES[3]}}{program_args} --out $TARGET")
     stage_targets["cpio"] = cpio
-    initrd = _stage(env, "compress", name, [out.File(f"{name}-initramfs.cpio.gz"), work.File("initramfs.size")], cpio,
-                    f"{_python('compress')} --size-file ${{TARGETS[1]}} $SOURCE ${{TARGETS[0]}}")
+    compressor = _gzip_compressor(where)
+    initrd = _stage(env, "compress", name, [out.File(f"{name}-initramfs.cpio.gz"), work.File("initramfs.size"),
+                                            work.File("initramfs.compression.json")], cpio,
+                    f'{_python("compress")} --compressor "{compressor}" --size-file ${{TARGETS[1]}} '
+                    f"--info ${{TARGETS[2]}} $SOURCE ${{TARGETS[0]}}")
+    env.Depends(initrd, env.Value(compressor))
 
     # firmware
     from ..measure.kernel_patch import vga_word
@@ -590,6 +578,7 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
                                                **({"lock_sha256": lock["sha256"]} if lock["lock"] else {})))
     manifest_sources, manifest_args = [cfg], []
     for template, node in ([("--info {}", info) for info in (minirootfs[1], kernel[1], modules[1], ovmf[1])]
+                           + [("--compression {}", initrd[2])]
                            + [("--file program={}", node) for node in [binary_node] if node is not None]
                            + [("--file rootfs={}", node) for node in [rootfs_node] if node is not None]
                            + [(option, node) for option, node in zip(("--verity-hash {}", "--roothash {}"),

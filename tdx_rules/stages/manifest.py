@@ -3,6 +3,8 @@
 Paths in the manifest are file names relative to the image directory; no
 build path of this machine appears in it. ``launch`` states what the launch scripts ask
 of the TD (QEMU generation, TD attributes, where XFAM comes from), for the verifier.
+``initramfs`` states how the initramfs was compressed: its file, the format, the level,
+the block size and the deflate library that made the bytes (RTMR[2] depends on it).
 """
 
 import argparse
@@ -49,9 +51,10 @@ def rootfs_record(image: str, hash_path: str, roothash_path: str) -> dict:
 
 
 def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=(), extra_files=(),
-                   verity_files=None) -> None:
+                   verity_files=None, compression=None) -> None:
     """``extra_files``: host paths in the order of the config's ``extra_files`` guest paths;
-    ``verity_files``: (hash tree, root hash) of a verified root filesystem (the ``rootfs`` file)."""
+    ``verity_files``: (hash tree, root hash) of a verified root filesystem (the ``rootfs`` file);
+    ``compression``: the compress stage's JSON on how the initramfs was compressed."""
     inputs = {}
     for info_path in infos:
         stage = os.path.basename(info_path).split(".")[0]
@@ -70,6 +73,9 @@ def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=()
         "outputs": [{"path": os.path.basename(p), "sha256": sha256_file(p), "size": os.path.getsize(p)}
                     for p in sorted(outputs, key=os.path.basename)],
     }
+    if compression:
+        with open(compression, encoding="utf-8") as handle:
+            manifest["initramfs"] = json.load(handle)
     if config.get("lock_sha256"):
         manifest["lock"] = {"file": "tdx.lock", "sha256": config["lock_sha256"]}
     if verity_files:
@@ -93,11 +99,13 @@ def main(argv):
                         help="an extra file, in the order of the config's extra_files")
     parser.add_argument("--verity-hash", help="the root filesystem's dm-verity hash tree")
     parser.add_argument("--roothash", help="its root hash file")
+    parser.add_argument("--compression", help="the compress stage's JSON: how the initramfs was compressed")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     files = [tuple(item.split("=", 1)) for item in args.file]
     build_manifest(load_config(args.config), args.info, files, args.output, args.out, args.measurement,
-                   args.extra_file, (args.verity_hash, args.roothash) if args.verity_hash else None)
+                   args.extra_file, (args.verity_hash, args.roothash) if args.verity_hash else None,
+                   args.compression)
 
 
 if __name__ == "__main__":
