@@ -75,7 +75,8 @@ BUILDERS = (
                  "naming the size needed.",
          "verity": "`True` (SHA-256) or `'sha512'`: also write the dm-verity hash tree in veritysetup's format "
                    "(salt derived from the content) and its root hash."},
-        ("the ext4 image at `target` (block size 4096, 256-byte inodes, UUID and hash seed from the content)",
+        ("the ext4 image at `target` (block size 4096, 256-byte inodes, UUID from the content, directory hash seed "
+         "from its paths, hash-indexed directories past one block)",
          "with `verity`: `<target>.verity` (the hash tree: version-1 superblock, 4096-byte blocks) and "
          "`<target>.roothash` (one hex line)")),
     BuilderDoc(

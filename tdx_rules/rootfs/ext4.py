@@ -15,14 +15,15 @@ is left behind on failure.
 Same tree, agent, epoch, size and label give a byte-identical image whatever
 the host, its clock, umask, file times or the build directory:
 
-* the filesystem UUID and directory hash seed are derived from a SHA-256 over
-  the whole input: paths, metadata, symlink targets, xattrs, every file's size
+* the filesystem UUID is derived from a SHA-256 over the whole input: paths, metadata, symlink targets, xattrs, every file's size
   and CRC-32C (worked out in a thread while the bytes are copied; a
   fingerprint, not a security digest: the rootfs cache is keyed by the layers'
   SHA-256 digests), epoch, size and label. The same tree therefore gives the
   same image from a plain or a compressed layer, or from layers whose tar
   headers differ in what the image does not keep (member mtimes, say). The
-  metadata checksum seed and the journal's UUID follow from the UUID;
+  metadata checksum seed and the journal's UUID follow from the UUID. The
+  directory hash seed (which orders the entries of htree directories, so it is
+  needed before any block is placed) is a SHA-256 over the tree's paths;
 * every timestamp (inodes, superblock write/check/mkfs times) is ``epoch``,
   inode generations are 0, nothing counts bytes written;
 * inode numbers and block allocation follow the sorted path order.
@@ -58,7 +59,7 @@ HEADROOM_MIN = 16 << 20
 MIB = 1 << 20
 LABEL = "rootfs"
 SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
-FORMAT = "tdx-rules ext4 writer 1"  # bump when the bytes written for the same input change
+FORMAT = "tdx-rules ext4 writer 2"  # bump when the bytes written for the same input change
 
 _TYPES = (FILE, DIR, SYMLINK, CHAR, BLOCK_DEV, FIFO)
 
@@ -73,7 +74,7 @@ class Ext4Image:
     inodes: int
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Inode:
     type: str
     mode: int
@@ -223,9 +224,11 @@ def _place_agent(inodes: Dict[str, _Inode], agent: str, guest_path: str) -> str:
 
 # --------------------------------------------------------------------------- size
 
-def _content_blocks(unique: List[_Inode], children: Dict[str, List[str]]) -> int:
-    """Blocks for file data, directories, long symlinks, xattr blocks and extent leaves."""
-    blocks = 0
+def _content_blocks(unique: List[_Inode], children: Dict[str, List[str]],
+                    hash_seed: bytes) -> Tuple[int, Dict[str, writer.DirLayout]]:
+    """Blocks for file data, directories, long symlinks, xattr blocks and extent leaves, and
+    the directories' layouts (by path) that count went by."""
+    blocks, layouts = 0, {}
     for inode in unique:
         if inode.type == FILE:
             data = -(-inode.size // BLOCK)
@@ -235,11 +238,15 @@ def _content_blocks(unique: List[_Inode], children: Dict[str, List[str]]) -> int
             blocks += 1
         elif inode.type == DIR:
             names = [os.fsencode(name) for name in children.get(inode.paths[0], [])]
-            count = writer.dir_blocks(names)
+            try:
+                layout = layouts[inode.paths[0]] = writer.dir_layout(names, hash_seed)
+            except writer.LayoutError as exc:
+                raise TdxError(f"directory {inode.paths[0]!r}: {exc}; split it into subdirectories") from None
+            count = layout.count
             blocks += max(count, writer.LOST_FOUND_BLOCKS) if inode.paths[0] == "/lost+found" else count
         if inode.xattrs and not writer.xattrs_in_inode(inode.xattrs):
             blocks += 1
-    return blocks
+    return blocks, layouts
 
 
 def _inode_count(used: int, size: int) -> int:
@@ -304,6 +311,15 @@ def _identity(inodes: List[_Inode], epoch: int, size: int, label: str) -> bytes:
     return digest.digest()
 
 
+def _hash_seed(inodes: Dict[str, _Inode]) -> bytes:
+    """The directory hash seed: derived from every path of the tree (known before any body is
+    read, since the htree layout depends on it), never random."""
+    digest = hashlib.sha256(FORMAT.encode() + b"\0hash_seed\0")
+    for path in sorted(inodes, key=_key):
+        digest.update(os.fsencode(path) + b"\0")
+    return bytes.fromhex(_uuid(digest.digest()).replace("-", ""))
+
+
 def _uuid(seed: bytes) -> str:
     raw = bytearray(seed[:16])
     raw[6] = (raw[6] & 0x0F) | 0x80  # version 8: custom (derived from SHA-256)
@@ -331,15 +347,18 @@ def _check_inode(inode: _Inode) -> None:
         raise TdxError(f"{path!r} has owner {inode.uid}:{inode.gid}, beyond 32 bits; fix the image")
 
 
-def _nodes(unique: List[_Inode], inodes: Dict[str, _Inode]) -> List[writer.Node]:
-    """The writer's nodes, root first, directories with their children by name."""
+def _nodes(unique: List[_Inode], inodes: Dict[str, _Inode],
+           layouts: Dict[str, writer.DirLayout]) -> List[writer.Node]:
+    """The writer's nodes, root first, directories with their children by name (and the
+    layout :func:`_content_blocks` worked out)."""
     nodes: Dict[int, writer.Node] = {}
     for inode in unique:
         source = (inode.body, inode.offset or 0) if inode.type == FILE and inode.body is not None else None
         nodes[id(inode)] = writer.Node(
             inode.type, inode.mode, inode.uid, inode.gid, inode.rdev, inode.xattrs,
             os.fsencode(inode.target) if inode.type == SYMLINK else None, source,
-            inode.size if source else 0, len(inode.paths), {} if inode.type == DIR else None, inode.paths[0])
+            inode.size if source else 0, len(inode.paths), {} if inode.type == DIR else None, inode.paths[0],
+            layout=layouts.get(inode.paths[0]) if inode.type == DIR else None)
     for path, inode in inodes.items():
         if path != "/":
             parent, _, name = path.rpartition("/")
@@ -402,14 +421,15 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
             parent, _, name = path.rpartition("/")
             children.setdefault(parent or "/", []).append(name)
 
-    content = _content_blocks(unique, children)
+    hash_seed = _hash_seed(inodes)
+    content, layouts = _content_blocks(unique, children, hash_seed)
     used_inodes = len(unique) + writer.FIRST_INO - 2
     minimum, auto = needed_size(content, used_inodes, given)
     image_size = given if given is not None else auto
     if given is not None and (given < minimum or _needed_blocks(content, used_inodes, given) * BLOCK > given):
         raise _space_error(out, given, minimum, auto, "estimated from its files, directories and metadata")
     inode_count = _inode_count(used_inodes, image_size)
-    nodes = _nodes(unique, inodes)
+    nodes = _nodes(unique, inodes, layouts)
     e2fsck = tool("e2fsck")  # before anything is written
     # The bodies' fingerprints (the image identity covers the content) are worked out by
     # another thread while the writer allocates blocks and copies the bytes.
@@ -417,7 +437,7 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
     hasher = RangeHasher([(inode.body, inode.offset or 0, inode.size) for inode in unhashed], writer.Crc32c)
     ids: Dict[str, str] = {}
 
-    def identity() -> Tuple[bytes, bytes]:
+    def identity() -> bytes:
         try:
             digests = hasher.result()
         except (OSError, EOFError) as exc:
@@ -426,8 +446,8 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
         for inode, digest in zip(unhashed, digests):
             inode.content = f"{inode.size}:crc32c:{digest}"
         seed = _identity(unique, epoch, image_size, label)
-        ids["uuid"], ids["hash_seed"] = _uuid(seed), _uuid(hashlib.sha256(b"hash_seed\0" + seed).digest())
-        return tuple(bytes.fromhex(ids[key].replace("-", "")) for key in ("uuid", "hash_seed"))
+        ids["uuid"] = _uuid(seed)
+        return bytes.fromhex(ids["uuid"].replace("-", ""))
 
     directory = os.path.dirname(out)
     try:
@@ -441,7 +461,7 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
         try:
             with os.fdopen(fd, "r+b") as handle:
                 geometry = writer.write_image(handle.fileno(), image_size // BLOCK, inode_count, nodes,
-                                              identity=identity, label=label.encode(), epoch=epoch)
+                                              hash_seed=hash_seed, identity=identity, label=label.encode(), epoch=epoch)
         except writer.NoSpace as exc:
             raise _space_error(out, given, max(minimum, (exc.blocks or 0) * BLOCK), auto, str(exc)) from None
         except writer.LayoutError as exc:

@@ -20,8 +20,10 @@ metadata is written with its checksums. The layout:
   inode by inode in that order, its data (directory blocks, a long symlink's
   target, file bytes), its extent leaf blocks (past 4 extents, which the inode
   holds itself; one index level), its xattr block;
-* directories are linear (no htree), entries in name byte order; xattrs live
-  in the inode when they fit in its 92 spare bytes, else in one xattr block;
+* a directory that fits one block is linear, entries in name byte order; a
+  larger one is an htree (:mod:`tdx_rules.rootfs.htree`), names in hash order
+  under the superblock's hash seed; xattrs live in the inode when they fit in
+  its 92 spare bytes, else in one xattr block;
 * file bodies are copied with ``copy_file_range`` from ``(host file, offset)``
   into a sparse image file, so a tar layer is never unpacked on the host.
   Nothing is fsynced here; the ``e2fsck`` check of the caller flushes the file.
@@ -35,6 +37,8 @@ import dataclasses
 import os
 import struct
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import ext4_xattr, htree
 
 try:
     import google_crc32c
@@ -64,11 +68,7 @@ S_IFMT = {"file": 0o100000, "dir": 0o040000, "symlink": 0o120000, "char": 0o0200
           "fifo": 0o010000}
 DIRENT_TYPE = {"file": 1, "dir": 2, "char": 3, "block": 4, "fifo": 5, "symlink": 7}
 
-# xattr name prefixes and their on-disk index (longest prefix first).
-XATTR_INDEX = (("system.posix_acl_access", 2), ("system.posix_acl_default", 3), ("system.richacl", 8),
-               ("security.", 6), ("trusted.", 4), ("user.", 1), ("system.", 7))
 XATTR_MAGIC = 0xEA020000
-IBODY_XATTR_SPACE = INODE_SIZE - 128 - EXTRA_ISIZE - 4
 
 _M32 = 0xFFFFFFFF
 
@@ -125,7 +125,7 @@ class Crc32c:
 
 # --------------------------------------------------------------------------- model
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Node:
     """One inode to write. ``source`` is ``(host path, offset)`` of a regular
     file's ``size`` bytes; ``children`` maps a directory's names (bytes) to nodes."""
@@ -144,15 +144,39 @@ class Node:
     path: str = ""  # for messages
     ino: int = 0
     parent: int = 0  # inode number of the parent directory (directories only)
+    layout: Optional["DirLayout"] = None  # a directory's, when the caller worked it out already
 
 
-def dir_blocks(names: Sequence[bytes]) -> int:
-    """Blocks a linear directory with ``names`` (besides . and ..) takes."""
-    return len(_pack_dir(names))
+@dataclasses.dataclass(slots=True)
+class DirLayout:
+    """A directory's blocks: ``linear`` (names per block, ``.`` and ``..`` first) when one
+    block holds them all, else an htree: ``leaves`` (names per leaf) under index blocks
+    whose entries carry ``hashes``."""
+
+    blocks: List[List[bytes]]
+    hashes: Optional[List[int]] = None
+
+    @property
+    def count(self) -> int:
+        return len(self.blocks) if self.hashes is None else htree.block_count(len(self.blocks))
 
 
-def _rec_len(name: bytes) -> int:
-    return (8 + len(name) + 3) & ~3
+def dir_layout(names: Sequence[bytes], hash_seed: bytes) -> DirLayout:
+    """The layout of a directory holding ``names`` (besides . and ..)."""
+    linear = _pack_dir(sorted(names))
+    if len(linear) <= 1:
+        return DirLayout(linear)
+    leaves = htree.pack_leaves(names, hash_seed)
+    try:
+        htree.interior_nodes(len(leaves))
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from None
+    return DirLayout([leaf for _, leaf in leaves], [index_hash for index_hash, _ in leaves])
+
+
+def dir_blocks(names: Sequence[bytes], hash_seed: bytes) -> int:
+    """Blocks a directory with ``names`` (besides . and ..) takes."""
+    return dir_layout(names, hash_seed).count
 
 
 def _pack_dir(names: Sequence[bytes]) -> List[List[bytes]]:
@@ -160,7 +184,7 @@ def _pack_dir(names: Sequence[bytes]) -> List[List[bytes]]:
     blocks: List[List[bytes]] = [[]]
     used = 0
     for name in [b".", b".."] + list(names):
-        need = _rec_len(name)
+        need = htree.rec_len(name)
         if used + need > BLOCK - DIR_TAIL:
             blocks.append([])
             used = 0
@@ -256,77 +280,22 @@ class Geometry:
         return result
 
 
-# --------------------------------------------------------------------------- encoders
-
-def _xattr_hash(name: bytes, value: bytes) -> int:
-    h = 0
-    for c in name:
-        h = ((h << 5) ^ (h >> 27) ^ c) & _M32
-    if value:
-        padded = value + b"\0" * (-len(value) % 4)
-        for (word,) in struct.iter_unpack("<I", padded):
-            h = ((h << 16) ^ (h >> 16) ^ word) & _M32
-    return h
-
-
-def _acl_to_disk(value: bytes, name: str) -> bytes:
-    """A POSIX ACL from the xattr interface (version 2) to ext4's on-disk form (version 1)."""
-    if len(value) < 4 or (len(value) - 4) % 8 or struct.unpack_from("<I", value)[0] != 2:
-        raise LayoutError(f"xattr {name} is not a POSIX ACL in the xattr format (version 2)")
-    out = [struct.pack("<I", 1)]
-    for tag, perm, ident in struct.iter_unpack("<HHI", value[4:]):
-        out.append(struct.pack("<HHI", tag, perm, ident) if tag in (0x02, 0x08) else struct.pack("<HH", tag, perm))
-    return b"".join(out)
-
-
-def _xattr_entries(xattrs) -> List[Tuple[int, bytes, bytes]]:
-    """(index, name suffix, stored value), sorted as ext4 keeps a block's entries."""
-    entries = []
-    for name, value in xattrs:
-        for prefix, index in XATTR_INDEX:
-            if name == prefix or (prefix.endswith(".") and name.startswith(prefix)):
-                break
-        else:
-            raise LayoutError(f"xattr {name!r} has a namespace ext4 does not store (user., trusted., security., "
-                              "system.)")
-        suffix = b"" if not prefix.endswith(".") else name[len(prefix):].encode("utf-8", "surrogateescape")
-        if index in (2, 3):
-            value = _acl_to_disk(value, name)
-        if len(suffix) > 255:
-            raise LayoutError(f"xattr name {name[:40]!r}... is longer than 255 bytes")
-        entries.append((index, suffix, bytes(value)))
-    entries.sort(key=lambda e: (e[0], len(e[1]), e[1]))
-    return entries
-
-
 def xattrs_in_inode(xattrs) -> bool:
     """Whether ``xattrs`` fit in an inode's spare bytes (else they take an xattr block).
     Raises LayoutError for a namespace or a value ext4 cannot store."""
-    return _xattr_area(_xattr_entries(xattrs), INODE_SIZE - 160, 4, 4) is not None
+    return ext4_xattr.area(_xattr_entries(xattrs), INODE_SIZE - 160, 4, 4) is not None
 
 
-def _xattr_area(entries, size: int, first: int, value_base: int) -> Optional[bytearray]:
-    """Entries from ``first`` and values from the end of a ``size``-byte area; None if they do not fit.
-    Value offsets are relative to ``value_base``."""
-    area = bytearray(size)
-    pos, end = first, size
-    for index, name, value in entries:
-        need = 16 + ((len(name) + 3) & ~3)
-        vlen = (len(value) + 3) & ~3
-        if pos + need + 4 > end - vlen:
-            return None
-        end -= vlen
-        area[end:end + len(value)] = value
-        struct.pack_into("<BBHIII", area, pos, len(name), index, (end - value_base) if value else 0, 0,
-                         len(value), _xattr_hash(name, value))
-        area[pos + 16:pos + 16 + len(name)] = name
-        pos += need
-    return area
+def _xattr_entries(xattrs) -> List[Tuple[int, bytes, bytes]]:
+    try:
+        return ext4_xattr.entries(xattrs)
+    except ext4_xattr.XattrError as exc:
+        raise LayoutError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- writer
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Plan:
     """Where one inode's blocks go, decided before anything is written."""
 
@@ -347,7 +316,7 @@ class _Writer:
         self.used_blocks = [0] * geometry.groups  # per group: int bitmaps
         self.used_inodes = [0] * geometry.groups
         self.dirs = [0] * geometry.groups
-        self.inodes: Dict[int, bytes] = {}
+        self.table_blocks: Dict[int, bytearray] = {}  # inode table blocks not yet written, by block number
         self.sources: Dict[str, int] = {}
 
     def set_uuid(self, uuid: bytes) -> None:
@@ -392,17 +361,17 @@ class _Writer:
         xattr_block, area = 0, None
         if node.xattrs:
             entries = _xattr_entries(node.xattrs)
-            area = _xattr_area(entries, INODE_SIZE - 160, 4, 4)
+            area = ext4_xattr.area(entries, INODE_SIZE - 160, 4, 4)
             if area is not None:
                 struct.pack_into("<I", area, 0, XATTR_MAGIC)
             else:
-                area = _xattr_area(entries, BLOCK, 32, 0)
+                area = ext4_xattr.area(entries, BLOCK, 32, 0)
                 if area is None:
                     raise LayoutError("its xattrs take more than one 4 KiB block")
                 xattr_block = self.runs(1)[0][0]
                 block_hash = 0
                 for _, name, value in entries:
-                    block_hash = ((block_hash << 16) ^ (block_hash >> 16) ^ _xattr_hash(name, value)) & _M32
+                    block_hash = ((block_hash << 16) ^ (block_hash >> 16) ^ ext4_xattr.entry_hash(name, value)) & _M32
                 struct.pack_into("<IIII", area, 0, XATTR_MAGIC, 1, 1, block_hash)
         return _Plan(runs, leaves, xattr_block, area)
 
@@ -478,36 +447,47 @@ class _Writer:
         checksum = crc32c(self.inode_seed(ino), raw)
         struct.pack_into("<H", raw, 0x7C, checksum & 0xFFFF)
         struct.pack_into("<H", raw, 0x82, checksum >> 16)
-        self.inodes[ino] = bytes(raw)
+        self._put_in_table(ino, raw)
         group, index = divmod(ino - 1, self.geo.inodes_per_group)
         self.used_inodes[group] |= 1 << index
         if node.type == "dir":
             self.dirs[group] += 1
 
-    def write_dir(self, node: Node, plan: _Plan, layout: List[List[bytes]]) -> None:
+    def write_dir(self, node: Node, plan: _Plan, layout: DirLayout) -> None:
         blocks = [start + i for start, length in plan.runs for i in range(length)]
         seed = self.inode_seed(node.ino)
-        for block, block_names in zip(blocks, layout):
-            data = bytearray(BLOCK)
-            pos = 0
-            for i, name in enumerate(block_names):
-                if name == b".":
-                    ino, kind = node.ino, 2
-                elif name == b".." and pos == 12:
-                    ino, kind = node.parent, 2
-                else:
-                    child = node.children[name]
-                    ino, kind = child.ino, DIRENT_TYPE[child.type]
-                rec = _rec_len(name) if i + 1 < len(block_names) else BLOCK - DIR_TAIL - pos
-                struct.pack_into("<IHBB", data, pos, ino, rec, len(name), kind)
-                data[pos + 8:pos + 8 + len(name)] = name
-                pos += rec
-            if not block_names:
-                struct.pack_into("<IH", data, 0, 0, BLOCK - DIR_TAIL)
-            struct.pack_into("<IHBBI", data, BLOCK - DIR_TAIL, 0, DIR_TAIL, 0, 0xDE,
-                             crc32c(seed, data[:BLOCK - DIR_TAIL]))
-            self.pwrite(data, block)
-        self.put_inode(node, plan, self.extent_root(node.ino, plan), len(layout) * BLOCK, EXTENTS_FL)
+        flags = EXTENTS_FL
+        if layout.hashes is not None:
+            index = htree.index_blocks(layout.hashes, node.ino, node.parent, lambda data: crc32c(seed, data))
+            for logical, data in index.items():
+                self.pwrite(data, blocks[logical])
+            blocks = blocks[len(index):]
+            flags |= htree.INDEX_FL
+        for block, block_names in zip(blocks, layout.blocks):
+            self.pwrite(self._dirent_block(node, block_names, seed), block)
+        self.put_inode(node, plan, self.extent_root(node.ino, plan), layout.count * BLOCK, flags)
+
+    @staticmethod
+    def _dirent_block(node: Node, names: Sequence[bytes], seed: int) -> bytearray:
+        """One block of directory entries (the last record spans to the checksum tail)."""
+        data = bytearray(BLOCK)
+        pos = 0
+        for i, name in enumerate(names):
+            if name == b"." and pos == 0:
+                ino, kind = node.ino, 2
+            elif name == b".." and pos == 12:
+                ino, kind = node.parent, 2
+            else:
+                child = node.children[name]
+                ino, kind = child.ino, DIRENT_TYPE[child.type]
+            rec = htree.rec_len(name) if i + 1 < len(names) else BLOCK - DIR_TAIL - pos
+            struct.pack_into("<IHBB", data, pos, ino, rec, len(name), kind)
+            data[pos + 8:pos + 8 + len(name)] = name
+            pos += rec
+        if not names:
+            struct.pack_into("<IH", data, 0, 0, BLOCK - DIR_TAIL)
+        struct.pack_into("<IHBBI", data, BLOCK - DIR_TAIL, 0, DIR_TAIL, 0, 0xDE, crc32c(seed, data[:BLOCK - DIR_TAIL]))
+        return data
 
     def write_inode(self, node: Node, plan: _Plan) -> None:
         """The metadata of a file, symlink, device or fifo (file bytes are already in place)."""
@@ -539,6 +519,28 @@ class _Writer:
         self.put_inode(Node("file", 0o600, ino=JOURNAL_INO), plan, i_block, count * BLOCK, EXTENTS_FL)
         return i_block
 
+    def _put_in_table(self, ino: int, raw: bytes) -> None:
+        """Place inode ``ino`` in its inode table block. Inodes come in ascending order (but
+        for the first few), so the blocks below the current one are complete: they are
+        written out at once and the tables never sit in memory whole. Table blocks no
+        inode lands in stay zero (the image file is sparse)."""
+        group, index = divmod(ino - 1, self.geo.inodes_per_group)
+        block_number = self.geo.inode_table[group] + index // INODES_PER_BLOCK
+        block = self.table_blocks.get(block_number)
+        if block is None:
+            block = self.table_blocks[block_number] = bytearray(BLOCK)
+        offset = (index % INODES_PER_BLOCK) * INODE_SIZE
+        block[offset:offset + INODE_SIZE] = raw
+        if len(self.table_blocks) > 1:
+            self._flush_table_blocks(block_number)
+
+    def _flush_table_blocks(self, below: Optional[int]) -> None:
+        """Write the pending inode table blocks (those before block ``below``; None: all)."""
+        for number in sorted(self.table_blocks):
+            if below is not None and number >= below:
+                break
+            self.pwrite(self.table_blocks.pop(number), number)
+
     def finish(self, label: bytes, hash_seed: bytes, journal: Optional[bytes], journal_count: int) -> None:
         geo = self.geo
         for first, length in geo.reserved:
@@ -549,18 +551,8 @@ class _Writer:
             self.mark(geo.inode_table[g], geo.itable_blocks)
         for ino in range(1, FIRST_INO - 1):  # reserved inodes 1-10 count as used
             self.used_inodes[0] |= 1 << (ino - 1)
-        # Inode tables: only the blocks that hold used inodes are written (the image is sparse).
+        self._flush_table_blocks(None)
         ipg = geo.inodes_per_group
-        for g in range(geo.groups):
-            numbers = [ino for ino in self.inodes if (ino - 1) // ipg == g]
-            if not numbers:
-                continue
-            last = max(numbers) - g * ipg
-            table = bytearray(-(-last // INODES_PER_BLOCK) * BLOCK)
-            for ino in numbers:
-                index = ino - 1 - g * ipg
-                table[index * INODE_SIZE:(index + 1) * INODE_SIZE] = self.inodes[ino]
-            self.pwrite(table, geo.inode_table[g])
         # Bitmaps and group descriptors.
         descs = bytearray(geo.gdt_blocks * BLOCK)
         free_blocks = free_inodes = 0
@@ -612,8 +604,8 @@ class _Writer:
             self.pwrite(descs, first + 1)
 
 
-def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *,
-                identity: Callable[[], Tuple[bytes, bytes]], label: bytes, epoch: int) -> Geometry:
+def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *, hash_seed: bytes,
+                identity: Callable[[], bytes], label: bytes, epoch: int) -> Geometry:
     """Write an ext4 filesystem of ``blocks`` 4 KiB blocks into ``fd`` (an empty file).
 
     ``tree[0]`` is the root directory and ``tree`` lists every other inode once
@@ -621,10 +613,11 @@ def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *,
     not: one is made when missing); ``links`` of non-directories is their
     number of names. ``inodes`` is the minimum inode count.
 
-    Blocks are allocated first, then the file bytes copied; only then is
-    ``identity()`` called for ``(uuid, hash_seed)`` (16 bytes each), which the
-    metadata and its checksums depend on: a caller can work out the identity
-    while the bytes are copied. Raises :class:`NoSpace` (nothing usable
+    ``hash_seed`` (16 bytes) seeds the directory name hashes, which decide the
+    layout of the directories that get an htree. Blocks are allocated first,
+    then the file bytes copied; only then is ``identity()`` called for the
+    UUID (16 bytes), which the metadata checksums depend on: a caller can work
+    out the identity while the bytes are copied. Raises :class:`NoSpace` (nothing usable
     written) or :class:`LayoutError`.
     """
     geometry = Geometry(blocks, inodes)
@@ -658,11 +651,11 @@ def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *,
         for node in ordered:
             try:
                 if node.type == "dir":
-                    layout = _pack_dir(sorted(node.children))
-                    if node is lost:
-                        layout += [[] for _ in range(LOST_FOUND_BLOCKS - len(layout))]
+                    layout = node.layout or dir_layout(list(node.children), hash_seed)
+                    if node is lost and layout.hashes is None:
+                        layout.blocks += [[] for _ in range(LOST_FOUND_BLOCKS - len(layout.blocks))]
                     layouts[node.ino] = layout
-                    plans.append(writer.plan(node, len(layout)))
+                    plans.append(writer.plan(node, layout.count))
                 elif node.type == "file":
                     plans.append(writer.plan(node, -(-node.size // BLOCK)))
                 elif node.type == "symlink":
@@ -676,8 +669,7 @@ def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *,
         for node, plan in zip(ordered, plans):
             if node.type == "file" and node.size:
                 writer.copy(node.source[0], node.source[1], node.size, plan.runs)
-        uuid, hash_seed = identity()
-        writer.set_uuid(uuid)
+        writer.set_uuid(identity())
         journal = writer.write_journal(journal_plan) if journal_plan else None
         for node, plan in zip(ordered, plans):
             if node.type == "dir":
