@@ -6,8 +6,13 @@
   names them. An uncompressed blob that lies in a file (an OCI blob, a member of a
   ``docker save`` tarball) is read in place: a thread hashes it (:class:`DigestCheck`)
   while :func:`~tdx_rules.rootfs.tarscan.scan_tar` reads its headers, and bodies are
-  handed out as :class:`BodyRef` slices of the blob. Decompression is bounded: a layer
-  that expands out of proportion to its size is refused.
+  handed out as :class:`BodyRef` slices of the blob. Any other blob is decompressed in a
+  thread of its own (:class:`~tdx_rules.rootfs.decompress.Decompressor`: zlib-ng's inflate
+  for gzip, every member of a multi-member stream, libzstd for zstd; both release the GIL)
+  while the caller's thread hashes the blob and the tar, appends the tar to a spool file
+  and reads its headers as they arrive; bodies are then :class:`BodyRef` slices of the
+  spool. Decompression is bounded: a layer that expands out of proportion to its size is
+  refused.
 * :class:`DirLayer`: a Docker overlay2 ``diff/`` directory, read with ``O_NOFOLLOW``
   relative to directory descriptors, so no symlink of the image is followed on the host.
   Whiteouts there are character devices 0:0 or ``.wh.`` files; opaque directories carry
@@ -20,26 +25,24 @@ the fix.
 """
 
 import base64
-import gzip
 import hashlib
 import io
 import os
+import shutil
 import stat
 import tarfile
+import tempfile
 import urllib.parse
-import zlib
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
-import zstandard
-
 from ..errors import TdxError
-from ..fsutil import CHUNK, FileSlice, RangeHasher, expansion_exceeded
+from ..fsutil import FileSlice, RangeHasher
+from .decompress import CORRUPT_STREAM, GZIP_MAGIC, ZSTD_MAGIC, Decompressor
 from .member import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, OPAQUE, SYMLINK, WHITEOUT, Member
-from .tarscan import scan_tar
+from .tarscan import ChunkStream, Unsupported, iter_members, scan_tar
 
 # Exceptions that mean "the bytes of a layer are damaged".
-_CORRUPT = (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError, tarfile.TarError, ValueError,
-            UnicodeError, OverflowError)
+_CORRUPT = CORRUPT_STREAM + (tarfile.TarError, ValueError, UnicodeError, OverflowError)
 
 # xattrs of overlay2 directories that describe the storage, not the image.
 _HOST_XATTRS = ("trusted.overlay.", "user.overlay.", "security.selinux")
@@ -58,66 +61,18 @@ class Layer:
         self.media_type = media_type
         self.size = size
 
-    def members(self, checks: Optional[list] = None) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+    def members(self, checks: Optional[list] = None,
+                spool: Optional[str] = None) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
         """Yield ``(Member, reader)``; ``reader`` is set for regular files and
         valid until the next member is requested. A layer may leave its digest
         check running and append it to ``checks`` (a list of :class:`DigestCheck`)
-        instead of finishing it before the first member."""
+        instead of finishing it before the first member. ``spool`` is a path (not
+        yet a file) where a layer may keep its uncompressed tar, handing out
+        bodies as :class:`BodyRef` slices of it that stay valid as long as the file."""
         raise NotImplementedError
 
     def __repr__(self):
         return f"{type(self).__name__}({self.digest!r})"
-
-
-class _HashingReader(io.RawIOBase):
-    """Raw reader that hashes (SHA-256) and counts every byte handed out."""
-
-    def __init__(self, inner, bomb_check=None, where: str = ""):
-        super().__init__()
-        self._inner = inner
-        self._bomb_check = bomb_check  # total -> True when the output is out of proportion
-        self._where = where
-        self.sha256 = hashlib.sha256()
-        self.total = 0
-        self.nonzero = False  # whether any byte so far was not NUL (an empty tar is all NULs)
-
-    def _account(self, data) -> None:
-        self.sha256.update(data)
-        self.total += len(data)
-        if self._bomb_check is not None and self._bomb_check(self.total):
-            raise TdxError(f"{self._where}: decompresses to more than {self.total} bytes, out of proportion to "
-                           "its compressed size (a decompression bomb?); refusing this image")
-        if not self.nonzero and bytes(data).strip(b"\0"):
-            self.nonzero = True
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self._inner.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self._account(data)
-        return n
-
-    def read(self, size: int = -1) -> bytes:  # tarfile calls read() directly
-        data = self._inner.read(size) if size is not None and size >= 0 else self._inner.read()
-        self._account(data)
-        return data
-
-
-def _decompressed(buffered: io.BufferedReader):
-    head = buffered.peek(4)[:4]
-    if head[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=buffered, mode="rb")
-    if head == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
-    return buffered
-
-
-def _drain(stream) -> None:
-    while stream.read(CHUNK):
-        pass
 
 
 _TAR_KINDS = {tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: SYMLINK, tarfile.LNKTYPE: HARDLINK, tarfile.CHRTYPE: CHAR,
@@ -237,7 +192,12 @@ class TarLayer(Layer):
     def _corrupt(self, why) -> TdxError:
         return TdxError(f"layer {self.digest}: corrupt or truncated ({why}); pull or save the image again")
 
-    def members(self, checks: Optional[list] = None) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+    def members(self, checks: Optional[list] = None,
+                spool: Optional[str] = None) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+        """See :meth:`Layer.members`. A blob that is not read in place is decompressed into
+        ``spool`` (a new file, created 0600; without it, a temporary file removed when the
+        iteration ends) and its bodies are :class:`BodyRef` slices of it; every digest is
+        checked before the iteration ends."""
         if self.location is not None:
             try:
                 with open(self.location[0], "rb") as handle:
@@ -246,43 +206,72 @@ class TarLayer(Layer):
             except OSError as exc:
                 raise TdxError(f"layer {self.digest}: cannot read ({exc.strerror or exc}); "
                                "check that the image file is readable") from None
-            if head[:2] != b"\x1f\x8b" and head != b"\x28\xb5\x2f\xfd":
+            if head[:2] != GZIP_MAGIC and head != ZSTD_MAGIC:
                 yield from self._members_in_place(checks)
                 return
+        scratch = None
+        if spool is None:
+            scratch = tempfile.mkdtemp(prefix="tdx-layer-")
+            spool = os.path.join(scratch, "layer.tar")
         try:
-            with self._opener() as raw:
-                hashing = _HashingReader(raw)
-                buffered = io.BufferedReader(hashing, CHUNK)
-                stream = _decompressed(buffered)
-                diff = _HashingReader(stream, bomb_check=lambda total: expansion_exceeded(hashing.total, total),
-                                      where=f"layer {self.digest}")
-                try:
-                    try:
-                        tar = tarfile.open(fileobj=diff, mode="r|", errors="surrogateescape")
-                    except tarfile.ReadError:
-                        if diff.nonzero or diff.total < 2 * tarfile.BLOCKSIZE:
-                            raise
-                        tar = None  # an empty layer: nothing but end-of-archive blocks
-                    while tar is not None:
-                        info = tar.next()
-                        tar.members.clear()  # a stream of many members must not pile up TarInfo objects
-                        if info is None:
-                            if diff.total < tar.offset + tarfile.BLOCKSIZE:
-                                raise EOFError("the tar stream ends before its end-of-archive block")
-                            break
-                        member = _tar_member(info)
-                        yield member, (_TarFileReader(tar.extractfile(info), self) if member.type == FILE else None)
-                    _drain(diff)  # the rest (padding, trailer): lets gzip check its CRC
-                    _drain(buffered)
-                finally:
-                    if stream is not buffered:
-                        stream.close()
-                self._verify(hashing, diff)
+            yield from self._members_spooled(spool)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def _members_spooled(self, path: str) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+        """The blob decompressed by a :class:`Decompressor` while this thread hashes the tar,
+        appends it to ``path`` and reads its headers as they arrive (:func:`iter_members`;
+        what that leaves to tarfile is read from ``path`` once it is complete)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _SpoolFile.write_error(self, path, exc) from None
+        decompressor = Decompressor(self._opener, f"layer {self.digest}")
+        spool = _SpoolFile(self, decompressor, fd, path)
+        decompressor.start()
+        try:
+            scanned = 0
+            try:
+                for member, data in iter_members(ChunkStream(spool.next_chunk)):
+                    scanned += 1
+                    yield member, (BodyRef(path, data, member.size) if member.type == FILE else None)
+            except Unsupported:
+                spool.drain()
+                yield from self._members_by_tarfile_spooled(spool, scanned)
+            spool.drain()  # padding and what follows the end-of-archive block: hashed too
+            self._verify(decompressor, spool)
         except _CORRUPT as exc:
             raise self._corrupt(exc) from None
         except OSError as exc:
             raise TdxError(f"layer {self.digest}: cannot read ({exc.strerror or exc}); "
                            "check that the image file is readable") from None
+        finally:
+            decompressor.stop()
+            os.close(fd)
+
+    def _members_by_tarfile_spooled(self, spool: "_SpoolFile", scanned: int):
+        """The members after the first ``scanned`` of the complete spool, read by tarfile."""
+        with open(spool.path, "rb") as handle:
+            tar = tarfile.open(fileobj=handle, mode="r|", errors="surrogateescape")
+            count = 0
+            while True:
+                info = tar.next()
+                tar.members.clear()  # a stream of many members must not pile up TarInfo objects
+                if info is None:
+                    if spool.size < tar.offset + tarfile.BLOCKSIZE:
+                        raise EOFError("the tar stream ends before its end-of-archive block")
+                    return
+                count += 1
+                if count <= scanned:
+                    continue
+                member = _tar_member(info)
+                if member.type != FILE:
+                    yield member, None
+                elif info.sparse is None:
+                    yield member, BodyRef(spool.path, info.offset_data, info.size)
+                else:
+                    yield member, _TarFileReader(tar.extractfile(info), self)
 
     def _members_in_place(self, checks: Optional[list]) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
         """An uncompressed blob in a host file: its members read in place.
@@ -352,20 +341,54 @@ class TarLayer(Layer):
                 reader = _TarFileReader(tar.extractfile(info), self)
             yield member, reader
 
-    def _verify(self, hashing: _HashingReader, diff: _HashingReader) -> None:
+    def _verify(self, decompressor: Decompressor, spool: "_SpoolFile") -> None:
         if self.blob_digest is not None:
-            got = "sha256:" + hashing.sha256.hexdigest()
+            got = "sha256:" + decompressor.blob_sha256.hexdigest()
             if got != self.blob_digest:
                 raise TdxError(f"layer {self.blob_digest}: content has digest {got}, not the one the manifest names; "
                                "the image is corrupt: pull or save it again")
-        if self.size is not None and hashing.total != self.size:
-            raise TdxError(f"layer {self.digest}: {hashing.total} bytes, the manifest says {self.size}; "
+        if self.size is not None and decompressor.blob_size != self.size:
+            raise TdxError(f"layer {self.digest}: {decompressor.blob_size} bytes, the manifest says {self.size}; "
                            "the image is corrupt: pull or save it again")
         if self.diff_id is not None:
-            got = "sha256:" + diff.sha256.hexdigest()
+            got = "sha256:" + spool.sha256.hexdigest()
             if got != self.diff_id:
                 raise TdxError(f"layer {self.digest}: uncompressed content has digest {got}, not the diff_id "
                                f"{self.diff_id} of the image config; the image is corrupt: pull or save it again")
+
+
+class _SpoolFile:
+    """The uncompressed tar of a layer as its :class:`Decompressor` hands it out: hashed
+    (SHA-256, for the diff_id), counted and appended to the spool file ``fd`` at ``path``."""
+
+    def __init__(self, layer: TarLayer, decompressor: Decompressor, fd: int, path: str):
+        self._layer, self._decompressor, self._fd, self.path = layer, decompressor, fd, path
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    @staticmethod
+    def write_error(layer: TarLayer, path: str, exc: OSError) -> TdxError:
+        return TdxError(f"layer {layer.digest}: cannot write its uncompressed tar to {path} "
+                        f"({exc.strerror or exc}); check free space and permissions")
+
+    def next_chunk(self) -> bytes:
+        """The next chunk of the tar, already in the spool; b"" at the end."""
+        chunk = self._decompressor.next_chunk()
+        if chunk:
+            self.sha256.update(chunk)
+            view = memoryview(chunk)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                raise self.write_error(self._layer, self.path, exc) from None
+            self.size += len(chunk)
+        return chunk
+
+    def drain(self) -> None:
+        """Spool the rest of the stream."""
+        while self.next_chunk():
+            pass
 
 
 class _TarFileReader:
@@ -430,7 +453,8 @@ class DirLayer(Layer):
                 continue
         return False
 
-    def members(self, checks: Optional[list] = None) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+    def members(self, checks: Optional[list] = None,
+                spool: Optional[str] = None) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
         try:
             root = os.open(self.path, flags)

@@ -3,12 +3,15 @@
 :func:`apply_layers` streams the layers into a :class:`Tree`. Bodies of an
 uncompressed layer that lies in a file stay where they are: the tree records
 their offset in the blob (its digest is checked while the headers are read).
-Other bodies are appended to one private file below a staging directory (mode
-0600 file, 0700 directories: the real mode and owner live in the model only),
-while paths, types, modes including setuid/setgid/sticky, owners, device
-numbers, xattrs, symlink targets and hard links are kept in memory. Whiteouts
-follow the OCI rules (``.wh.NAME`` hides NAME of lower layers, ``.wh..wh..opq``
-hides a directory's lower contents; neither hides what the same layer adds).
+A compressed layer is decompressed into one private file per layer below a
+staging directory (the layer's uncompressed tar, written while its headers are
+read), and its bodies are recorded by their offset there; bodies of directory
+layers are appended to one more such file (mode 0600 files, 0700 directories:
+the real mode and owner live in the model only), while paths, types, modes
+including setuid/setgid/sticky, owners, device numbers, xattrs, symlink
+targets and hard links are kept in memory. Whiteouts follow the OCI rules
+(``.wh.NAME`` hides NAME of lower layers, ``.wh..wh..opq`` hides a
+directory's lower contents; neither hides what the same layer adds).
 
 Nothing from an image is ever written outside the staging directory, no
 symlink of an image is followed on the host, and device nodes are never
@@ -85,9 +88,10 @@ def _sort_key(name: str) -> bytes:
 class Tree:
     """The filesystem an image unpacks to: a model in memory, bodies on disk.
 
-    ``staging`` is the directory holding ``store/bodies``, the one private
-    file (mode 0600) the bodies of compressed and directory layers are
-    appended to; entries point into it by offset, as into a plain layer blob.
+    ``staging`` is the directory holding ``store/``: ``bodies``, the private
+    file (mode 0600) the bodies of directory layers are appended to, and
+    ``layerN.tar``, the uncompressed tar of each compressed layer; entries point
+    into them by offset, as into a plain layer blob.
     :meth:`cleanup` (or leaving the ``with`` block) removes what this tree
     wrote there.
     """
@@ -108,6 +112,7 @@ class Tree:
         self.bodies = os.path.join(self.store, "bodies")
         self._spool = None  # the bodies file, opened at the first body
         self._spool_size = 0
+        self._layer_tars = 0  # layerN.tar files handed out by layer_tar_path()
         self.root = _Node(DIR, 0o755)
         self.pending: List[DigestCheck] = []  # layer digest checks still running (apply_layers(defer_checks=True))
 
@@ -178,6 +183,11 @@ class Tree:
 
     # ---- storing bodies
 
+    def layer_tar_path(self) -> str:
+        """A new path below the store for one layer's uncompressed tar (the layer creates the file)."""
+        self._layer_tars += 1
+        return os.path.join(self.store, f"layer{self._layer_tars}.tar")
+
     def _store(self, reader) -> Tuple[int, int]:
         """Append a body to the bodies file; its (offset, size) there."""
         if self._spool is None:
@@ -217,7 +227,8 @@ def apply_layers(layers, staging_dir=None, defer_checks: bool = False) -> Tree:
     :func:`tdx_rules.rootfs.ext4.build_ext4` does.
 
     Reads every layer once (an uncompressed one in a file: its headers, then its
-    bytes hashed in two threads): bodies stay in such a layer, else go to the
+    bytes hashed in two threads; a compressed one: decompressed in a thread while
+    its headers are read): bodies stay in such a layer, else go to the
     tree's staging directory (``staging_dir``, or a new temporary directory);
     never a whole layer in memory. Refuses (TdxError) absolute or ``..`` names, whiteouts that name
     nothing inside the tree, hard links to missing, directory or outside
@@ -249,7 +260,7 @@ class _Applier:
 
     def run(self) -> None:
         try:
-            with contextlib.closing(self.layer.members(self.checks)) as members:
+            with contextlib.closing(self.layer.members(self.checks, self.tree.layer_tar_path())) as members:
                 for member, reader in members:
                     self.member(member, reader)
         except OSError as exc:

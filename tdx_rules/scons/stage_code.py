@@ -30,7 +30,7 @@ STAGE_CODE = {
     "manifest": ("stages/manifest.py", "measure/launch.py", "measure/profiles.py", "rootfs/verity.py"),
     "rootfs": ("stages/rootfs.py", "rootfs/verity.py", "rootfs/formats.py", "rootfs/layers.py", "rootfs/tarscan.py",
                "rootfs/member.py", "rootfs/tree.py", "rootfs/ext4.py", "rootfs/ext4_writer.py", "rootfs/ext4_xattr.py",
-               "rootfs/htree.py"),
+               "rootfs/htree.py", "rootfs/decompress.py"),
     "pack": ("initramfs/pack.py", "initramfs/pgzip.py", "initramfs/newc.py"),
     "mrtd": _MEASURING,
     "rtmr1": _MEASURING,
