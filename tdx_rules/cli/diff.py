@@ -108,7 +108,7 @@ class _Absent:
 
 
 _ABSENT = _Absent()
-_SECTIONS = ("name", "settings", "inputs", "launch", "measurements", "rootfs", "outputs")
+_SECTIONS = ("name", "settings", "inputs", "lock", "initramfs", "launch", "measurements", "rootfs", "outputs")
 
 
 def _order(key: str):
