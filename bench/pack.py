@@ -94,6 +94,28 @@ def make_tree(root, size_mb, files, seed=20240601):
 
 # --- timing ------------------------------------------------------------------
 
+def debootstrap_tree(root):
+    """The cached Debian root filesystem of bench/rootfs.py, unpacked at ``root`` without /dev,
+    its hard links made copies (pack copies them, GNU cpio would store them once: both archives
+    then hold the same bytes)."""
+    from rootfs import DEBIAN_MIRROR, debootstrap_tar
+
+    os.makedirs(root)
+    subprocess.run(["tar", "-xf", debootstrap_tar(DEBIAN_MIRROR), "-C", root, "--no-same-owner",
+                    "--exclude=./dev/*"], check=True)
+    files = sizes = 0
+    for top, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(top, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                if os.stat(path).st_nlink > 1:
+                    shutil.copy2(path, path + ".copy")
+                    os.replace(path + ".copy", path)
+                files += 1
+                sizes += os.path.getsize(path)
+    return {f"debootstrap --variant=minbase bookworm, {files} files": sizes}
+
+
 def timed(command, cwd=None):
     return child_timed(command, cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT))
 
@@ -118,6 +140,9 @@ def main():
     parser.add_argument("--files", type=int, default=5000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--formats", default="gzip,none", help="comma-separated: gzip, none, zstd, xz, lz4")
+    parser.add_argument("--tree", choices=("generated", "debootstrap"), default="generated",
+                        help="debootstrap: a Debian root filesystem (bench/rootfs.py's cached minbase bookworm, "
+                             "/dev left out: pack refuses device nodes)")
     args = parser.parse_args()
     formats = [name for name in args.formats.split(",") if name]
     for tool in ("cpio", "gzip", "find", "sort"):
@@ -129,7 +154,10 @@ def main():
     with tempfile.TemporaryDirectory(prefix="tdx-pack-bench.") as tmp:
         tree = os.path.join(tmp, "tree")
         start = time.perf_counter()
-        mix = make_tree(tree, args.size_mb, args.files)
+        if args.tree == "debootstrap":
+            mix = debootstrap_tree(tree)
+        else:
+            mix = make_tree(tree, args.size_mb, args.files)
         generated = time.perf_counter() - start
         jobs = []  # (label, command, output path)
         pairs = []  # (ours, reference): ratios are computed per run
@@ -188,9 +216,13 @@ def main():
             checks.append(f"gzip -dc of pack's gzip == pack's plain archive: {'yes' if same else 'NO'}")
 
     total = sum(mix.values())
-    print(f"tree: {total / 1e6:.1f} MB in {args.files} files + {len(range(0, args.files, 50))} symlinks "
-          f"({', '.join(f'{kind} {100 * size / total:.0f}%' for kind, size in mix.items())}; generated in "
-          f"{generated:.0f}s); {cpus} CPUs; median of {args.runs} runs; ratios pair by pair within each run")
+    if args.tree == "debootstrap":
+        what = f"{total / 1e6:.1f} MB ({next(iter(mix))}; unpacked in {generated:.0f}s)"
+    else:
+        what = (f"{total / 1e6:.1f} MB in {args.files} files + {len(range(0, args.files, 50))} symlinks "
+                f"({', '.join(f'{kind} {100 * size / total:.0f}%' for kind, size in mix.items())}; generated in "
+                f"{generated:.0f}s)")
+    print(f"tree: {what}; {cpus} CPUs; median of {args.runs} runs; ratios pair by pair within each run")
     header = ("command", "seconds", "MB/s", "time vs reference", "output bytes", "size vs reference",
               "peak RSS MiB")
     rows = []
