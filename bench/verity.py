@@ -44,7 +44,7 @@ def main():
     try:
         tree, layout, image = (os.path.join(work, name) for name in ("tree", "layout", "rootfs.ext4"))
         make_tree(tree, args.size_mb, args.files)
-        write_layout(tree, layout)
+        write_layout(layout, tree=tree)
         agent = os.path.join(work, "agent")
         shutil.copy("/bin/true", agent)
         timed([sys.executable, "-c", EXT4_CHILD, layout, agent, image, "auto"])

@@ -213,10 +213,12 @@ def test_layer_members_without_a_spool_leave_nothing_behind(tmp_path, monkeypatc
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tar"), reason="needs root (chown) and GNU tar")
-def test_gzip_layer_partly_left_to_tarfile(tmp_path):
-    """GNU tar's base-256 owner (uid 3000000) and sparse member, in the middle of a gzip layer:
-    the members before them come from the streaming scan, the rest from tarfile over the
-    complete uncompressed tar; each member once, with its owner and bytes."""
+@pytest.mark.parametrize("how", ["gzip", "plain-in-place-checks-deferred"])
+def test_layer_partly_left_to_tarfile(tmp_path, how):
+    """GNU tar's base-256 owner (uid 3000000) and sparse member, in the middle of a layer
+    (gzip, or plain and read in place while its digest check runs on): the members before
+    them come from the streaming scan, the rest from tarfile over the complete tar; each
+    member once, with its owner and bytes."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a-first.txt").write_bytes(TEXT[:5000])
@@ -231,12 +233,17 @@ def test_gzip_layer_partly_left_to_tarfile(tmp_path):
                             "-cf", "-", "."], capture_output=True, check=True).stdout
     assert b"\x80" in layer  # a base-256 number: the scanner leaves the archive to tarfile there
     items = [fx.D("./")]  # the layer's diff_id is of GNU tar's bytes, not of a fixture's
-    write_image(tmp_path / "image", [gnu_gzip(layer)], ("gzip",), layers=[items])
+    gzip = how == "gzip"
+    write_image(tmp_path / "image", [gnu_gzip(layer) if gzip else layer], ("gzip" if gzip else "tar",),
+                layers=[items])
     layers = open_image(tmp_path / "image")
-    layers[0].diff_id = None
-    names = [member.name for member, _ in layers[0].members()]
+    layers[0].diff_id = None if gzip else layers[0].blob_digest
+    checks = None if gzip else []
+    names = [member.name for member, _ in layers[0].members(checks)]
     assert names == [".", "./a-first.txt", "./m-owned.txt", "./s-sparse.bin", "./z-last.txt"]
-    with apply_layers(layers, tmp_path / "staging") as tree:
+    assert checks in (None, [])  # the digest check was finished where tarfile took over
+    with apply_layers(layers, tmp_path / "staging", defer_checks=not gzip) as tree:
+        tree.verify()
         files = {e.path: e for e in tree.entries() if e.type == "file"}
         assert sorted(files) == ["/a-first.txt", "/m-owned.txt", "/s-sparse.bin", "/z-last.txt"]
 

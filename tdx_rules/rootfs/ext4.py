@@ -224,12 +224,11 @@ def _place_agent(inodes: Dict[str, _Inode], agent: str, guest_path: str) -> str:
 
 # --------------------------------------------------------------------------- size
 
-def _content_blocks(unique: List[_Inode], children: Dict[str, List[str]],
-                    hash_seed: bytes) -> Tuple[int, Dict[str, writer.DirLayout]]:
-    """Blocks for file data, directories, long symlinks, xattr blocks and extent leaves, and
-    the directories' layouts (by path) that count went by."""
-    blocks, layouts = 0, {}
-    for inode in unique:
+def _content_blocks(unique: List[_Inode], nodes: List[writer.Node], hash_seed: bytes) -> int:
+    """Blocks for file data, directories, long symlinks, xattr blocks and extent leaves; sets
+    each directory node's layout, which that count went by."""
+    blocks = 0
+    for inode, node in zip(unique, nodes):
         if inode.type == FILE:
             data = -(-inode.size // BLOCK)
             extents = -(-data // writer.MAX_EXTENT) + data // writer.BLOCKS_PER_GROUP
@@ -237,16 +236,15 @@ def _content_blocks(unique: List[_Inode], children: Dict[str, List[str]],
         elif inode.type == SYMLINK and len(os.fsencode(inode.target)) >= 60:
             blocks += 1
         elif inode.type == DIR:
-            names = [os.fsencode(name) for name in children.get(inode.paths[0], [])]
             try:
-                layout = layouts[inode.paths[0]] = writer.dir_layout(names, hash_seed)
+                node.layout = writer.dir_layout(list(node.children), hash_seed)
             except writer.LayoutError as exc:
                 raise TdxError(f"directory {inode.paths[0]!r}: {exc}; split it into subdirectories") from None
-            count = layout.count
+            count = node.layout.count
             blocks += max(count, writer.LOST_FOUND_BLOCKS) if inode.paths[0] == "/lost+found" else count
         if inode.xattrs and not writer.xattrs_in_inode(inode.xattrs):
             blocks += 1
-    return blocks, layouts
+    return blocks
 
 
 def _inode_count(used: int, size: int) -> int:
@@ -311,11 +309,11 @@ def _identity(inodes: List[_Inode], epoch: int, size: int, label: str) -> bytes:
     return digest.digest()
 
 
-def _hash_seed(inodes: Dict[str, _Inode]) -> bytes:
-    """The directory hash seed: derived from every path of the tree (known before any body is
-    read, since the htree layout depends on it), never random."""
+def _hash_seed(paths: List[str]) -> bytes:
+    """The directory hash seed: derived from every path of the tree, ``paths`` in sorted
+    order (known before any body is read, since the htree layout depends on it), never random."""
     digest = hashlib.sha256(FORMAT.encode() + b"\0hash_seed\0")
-    for path in sorted(inodes, key=_key):
+    for path in paths:
         digest.update(os.fsencode(path) + b"\0")
     return bytes.fromhex(_uuid(digest.digest()).replace("-", ""))
 
@@ -347,18 +345,15 @@ def _check_inode(inode: _Inode) -> None:
         raise TdxError(f"{path!r} has owner {inode.uid}:{inode.gid}, beyond 32 bits; fix the image")
 
 
-def _nodes(unique: List[_Inode], inodes: Dict[str, _Inode],
-           layouts: Dict[str, writer.DirLayout]) -> List[writer.Node]:
-    """The writer's nodes, root first, directories with their children by name (and the
-    layout :func:`_content_blocks` worked out)."""
+def _nodes(unique: List[_Inode], inodes: Dict[str, _Inode]) -> List[writer.Node]:
+    """The writer's nodes, root first, directories with their children by name."""
     nodes: Dict[int, writer.Node] = {}
     for inode in unique:
         source = (inode.body, inode.offset or 0) if inode.type == FILE and inode.body is not None else None
         nodes[id(inode)] = writer.Node(
             inode.type, inode.mode, inode.uid, inode.gid, inode.rdev, inode.xattrs,
             os.fsencode(inode.target) if inode.type == SYMLINK else None, source,
-            inode.size if source else 0, len(inode.paths), {} if inode.type == DIR else None, inode.paths[0],
-            layout=layouts.get(inode.paths[0]) if inode.type == DIR else None)
+            inode.size if source else 0, len(inode.paths), {} if inode.type == DIR else None, inode.paths[0])
     for path, inode in inodes.items():
         if path != "/":
             parent, _, name = path.rpartition("/")
@@ -396,8 +391,7 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
     if not os.path.isfile(agent):
         raise TdxError(f"agent {agent}: no such file; build the agent first or fix the path")
     given = _parse_size(size)
-    entries = tree.entries() if hasattr(tree, "entries") else list(tree)
-    inodes = _inodes(entries)
+    inodes = _inodes(tree.iter_entries() if hasattr(tree, "iter_entries") else tree)
     _place_agent(inodes, agent, agent_guest_path)
     lost = inodes.get("/lost+found")
     if lost is not None and lost.type != DIR:
@@ -407,29 +401,29 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
 
     unique: List[_Inode] = []
     seen = set()
-    for path in sorted(inodes, key=_key):
+    paths = sorted(inodes, key=_key)
+    for path in paths:
         inode = inodes[path]
         if id(inode) not in seen:
             seen.add(id(inode))
             inode.paths.sort(key=_key)
             unique.append(inode)
             _check_inode(inode)
-    children: Dict[str, List[str]] = {}
+    del seen
     for path in inodes:
         _check_path(path)
-        if path != "/":
-            parent, _, name = path.rpartition("/")
-            children.setdefault(parent or "/", []).append(name)
 
-    hash_seed = _hash_seed(inodes)
-    content, layouts = _content_blocks(unique, children, hash_seed)
+    hash_seed = _hash_seed(paths)
+    del paths
+    nodes = _nodes(unique, inodes)
+    del inodes  # from here on, the writer's nodes: a large tree is held once less
+    content = _content_blocks(unique, nodes, hash_seed)
     used_inodes = len(unique) + writer.FIRST_INO - 2
     minimum, auto = needed_size(content, used_inodes, given)
     image_size = given if given is not None else auto
     if given is not None and (given < minimum or _needed_blocks(content, used_inodes, given) * BLOCK > given):
         raise _space_error(out, given, minimum, auto, "estimated from its files, directories and metadata")
     inode_count = _inode_count(used_inodes, image_size)
-    nodes = _nodes(unique, inodes, layouts)
     e2fsck = tool("e2fsck")  # before anything is written
     # The bodies' fingerprints (the image identity covers the content) are worked out by
     # another thread while the writer allocates blocks and copies the bytes.

@@ -163,9 +163,8 @@ class DirLayout:
 
 def dir_layout(names: Sequence[bytes], hash_seed: bytes) -> DirLayout:
     """The layout of a directory holding ``names`` (besides . and ..)."""
-    linear = _pack_dir(sorted(names))
-    if len(linear) <= 1:
-        return DirLayout(linear)
+    if sum(htree.rec_len(name) for name in names) <= BLOCK - DIR_TAIL - 2 * htree.rec_len(b"."):
+        return DirLayout(_pack_dir(sorted(names)))  # one block: linear
     leaves = htree.pack_leaves(names, hash_seed)
     try:
         htree.interior_nodes(len(leaves))
@@ -299,8 +298,8 @@ def _xattr_entries(xattrs) -> List[Tuple[int, bytes, bytes]]:
 class _Plan:
     """Where one inode's blocks go, decided before anything is written."""
 
-    runs: List[Tuple[int, int]]  # data (file bytes, directory blocks, a long symlink's target)
-    leaves: List[int]  # extent leaf blocks, when the runs do not fit the inode
+    runs: Tuple[Tuple[int, int], ...]  # data (file bytes, directory blocks, a long symlink's target)
+    leaves: Tuple[int, ...]  # extent leaf blocks, when the runs do not fit the inode
     xattr_block: int  # 0: the xattrs (if any) live in the inode
     xattr_area: Optional[bytearray]  # the inode's spare bytes or the xattr block, checksum left out
 
@@ -351,13 +350,13 @@ class _Writer:
 
     def plan(self, node: Node, data_blocks: int) -> _Plan:
         """Allocate ``data_blocks`` for ``node``, then its extent leaves, then its xattr block."""
-        runs = self.runs(data_blocks) if data_blocks else []
-        leaves = []
+        runs = tuple(self.runs(data_blocks)) if data_blocks else ()  # tuples: one plan per inode is held
+        leaves = ()
         if len(runs) > 4:
             count = -(-len(runs) // EXTENTS_PER_LEAF)
             if count > 4:
                 raise LayoutError("too many extents for one level of extent blocks")
-            leaves = [self.runs(1)[0][0] for _ in range(count)]
+            leaves = tuple(self.runs(1)[0][0] for _ in range(count))
         xattr_block, area = 0, None
         if node.xattrs:
             entries = _xattr_entries(node.xattrs)

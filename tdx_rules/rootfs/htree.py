@@ -118,10 +118,15 @@ def pack_leaves(names: Sequence[bytes], hash_seed: bytes) -> List[Tuple[int, Lis
     leaf in hash order; the index hash has its low bit set when the leaf continues a run of
     equal hashes."""
     seed = seed_words(hash_seed)
-    hashed = sorted((name_hash(name, seed), name) for name in names)
+    hashed = []  # (major << 32 | minor, name): one small tuple a name, for directories of many
+    for name in names:
+        major, minor = name_hash(name, seed)
+        hashed.append((major << 32 | minor, name))
+    hashed.sort()
     leaves: List[Tuple[int, List[bytes]]] = []
     used, last_hash = BLOCK, None
-    for (major, _minor), name in hashed:
+    for key, name in hashed:
+        major = key >> 32
         need = rec_len(name)
         if used + need > BLOCK - DIR_TAIL:
             leaves.append((major | (1 if major == last_hash else 0), []))

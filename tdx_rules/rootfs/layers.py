@@ -39,7 +39,7 @@ from ..errors import TdxError
 from ..fsutil import FileSlice, RangeHasher
 from .decompress import CORRUPT_STREAM, GZIP_MAGIC, ZSTD_MAGIC, Decompressor
 from .member import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, OPAQUE, SYMLINK, WHITEOUT, Member
-from .tarscan import ChunkStream, Unsupported, iter_members, scan_tar
+from .tarscan import ChunkStream, Sequential, Unsupported, iter_members, scan_tar
 
 # Exceptions that mean "the bytes of a layer are damaged".
 _CORRUPT = CORRUPT_STREAM + (tarfile.TarError, ValueError, UnicodeError, OverflowError)
@@ -289,6 +289,9 @@ class TarLayer(Layer):
                 if size is None:
                     size = os.fstat(handle.fileno()).st_size - base
                 check = DigestCheck(self, path, base, size)
+                if checks is not None and size:
+                    yield from self._members_in_place_streamed(handle, path, base, size, check, checks)
+                    return
                 try:
                     scanned = scan_tar(handle.fileno(), base, size) if size else []
                 except BaseException:
@@ -309,6 +312,30 @@ class TarLayer(Layer):
         except OSError as exc:
             raise TdxError(f"layer {self.digest}: cannot read ({exc.strerror or exc}); "
                            "check that the image file is readable") from None
+
+    def _members_in_place_streamed(self, handle, path: str, base: int, size: int, check: "DigestCheck",
+                                   checks: list) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
+        """The members of a blob read in place, each yielded as soon as its header is read
+        (so that a layer of many members is never held in memory at once), while ``check``
+        runs; it joins ``checks`` once the last member is out. What the scanner leaves to
+        tarfile: the whole archive is checked by tarfile, then the members after those
+        already yielded are read by it."""
+        scanned = 0
+        try:
+            try:
+                for member, data in iter_members(Sequential(handle.fileno(), base, size)):
+                    scanned += 1
+                    yield member, (BodyRef(path, base + data, member.size) if member.type == FILE else None)
+            except Unsupported:
+                check.wait(tar_check=lambda: self._members_by_tarfile(handle, base, size))
+                for index, item in enumerate(self._members_by_tarfile(handle, base, size)):
+                    if index >= scanned:
+                        yield item
+                return
+        except BaseException:
+            check.wait(quiet=True)
+            raise
+        checks.append(check)
 
     def _check_in_place(self, got: str, size: int, tar_check=None) -> None:
         """The blob's size and digests; ``tar_check`` (members from tarfile, read to the end)

@@ -16,7 +16,7 @@ WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Member:
     """One entry of a layer, whatever its source (tar header or directory entry).
 

@@ -104,7 +104,7 @@ class _Source:
         return b"".join(parts)
 
 
-class _Sequential(_Source):
+class Sequential(_Source):
     """``size`` bytes at ``base`` of ``fd``, read in CHUNK-sized reads; what :meth:`skip`
     passes is not read."""
 
@@ -165,7 +165,7 @@ def scan_tar(fd: int, base: int, size: int) -> Optional[List[Tuple[Member, int]]
     :mod:`tarfile` (sparse files, base-256 numbers, unknown types, a damaged header, no
     end-of-archive block)."""
     try:
-        return list(iter_members(_Sequential(fd, base, size)))
+        return list(iter_members(Sequential(fd, base, size)))
     except Unsupported:
         return None
 

@@ -25,7 +25,8 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from typing import Dict, List, Optional, Tuple
+import types
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 from ..errors import TdxError
 from ..fsutil import CHUNK
@@ -33,7 +34,7 @@ from .layers import BodyRef, DigestCheck, Layer
 from .member import BLOCK, CHAR, DIR, FILE, HARDLINK, OPAQUE, SYMLINK, WHITEOUT, Member
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Entry:
     """One path of the final filesystem.
 
@@ -61,6 +62,10 @@ class Entry:
     offset: Optional[int] = None
 
 
+# The xattrs of the many nodes without any: one shared, read-only mapping.
+_NO_XATTRS: Mapping[str, bytes] = types.MappingProxyType({})
+
+
 class _Node:
     """An inode of the model; hard links are several directory entries sharing one."""
 
@@ -73,7 +78,7 @@ class _Node:
         self.uid = uid
         self.gid = gid
         self.rdev: Optional[Tuple[int, int]] = None
-        self.xattrs: Dict[str, bytes] = {}
+        self.xattrs: Mapping[str, bytes] = _NO_XATTRS
         self.target: Optional[str] = None
         self.body: Optional[str] = None
         self.size = 0
@@ -152,27 +157,24 @@ class Tree:
 
     def entries(self) -> List[Entry]:
         """Every path, sorted (depth first, names in byte order), root first."""
-        result: List[Entry] = []
-        first_path: Dict[int, str] = {}
-        # First pass: the first name (in sorted order) of every multiply-linked inode.
-        order: List[Tuple[str, _Node]] = []
+        return list(self.iter_entries())
+
+    def iter_entries(self) -> Iterator[Entry]:
+        """:meth:`entries` one by one, for a consumer that need not hold them all."""
+        first_path: Dict[int, str] = {}  # the first name, in sorted order, of each inode
         stack = [("/", self.root)]
         while stack:
             path, node = stack.pop()
-            order.append((path, node))
             if node.type == DIR:
                 prefix = path if path.endswith("/") else path + "/"
                 for name in sorted(node.children, key=_sort_key, reverse=True):
                     stack.append((prefix + name, node.children[name]))
-        for path, node in order:
             primary = first_path.setdefault(id(node), path)
             kind, target = node.type, node.target
             if primary != path:
                 kind, target = HARDLINK, primary
-            result.append(Entry(path, kind, node.mode, node.uid, node.gid, node.rdev,
-                                tuple(sorted(node.xattrs.items())), target, node.body, node.size,
-                                node.offset))
-        return result
+            yield Entry(path, kind, node.mode, node.uid, node.gid, node.rdev, tuple(sorted(node.xattrs.items())),
+                        target, node.body, node.size, node.offset)
 
     def get(self, path: str) -> Optional[Entry]:
         """The entry at an absolute image path (no symlink is followed), or None."""
@@ -363,4 +365,4 @@ def _set_meta(node: _Node, member: Member) -> None:
     node.mode = member.mode & 0o7777
     node.uid = member.uid
     node.gid = member.gid
-    node.xattrs = dict(member.xattrs)
+    node.xattrs = dict(member.xattrs) if member.xattrs else _NO_XATTRS
