@@ -44,7 +44,6 @@ CPU busy on small archives and costs a 4-5 byte sync marker per block.
 """
 
 import collections
-import importlib.metadata
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -134,9 +133,13 @@ def compressor_identity() -> str:
     """What makes the gzip bytes, e.g. ``zlib-ng 2.3.3 (python zlib-ng 1.1.0)``: the zlib-ng
     library version and the version of the Python package that bundles it (the one imported)."""
     library = _library()
-    site = os.path.dirname(os.path.dirname(os.path.abspath(zlib_ng.__file__)))
-    found = [dist.version for dist in importlib.metadata.distributions(name=DEFLATE_PACKAGE, path=[site])]
-    package = found[0] if found else getattr(zlib_ng, "__version__", "unknown")
+    package = getattr(zlib_ng, "__version__", None)  # the imported package's own (1.0.0 and 1.1.0 have it)
+    if package is None:  # else its metadata beside it; importlib.metadata alone costs a no-op build ~20 ms
+        import importlib.metadata
+
+        site = os.path.dirname(os.path.dirname(os.path.abspath(zlib_ng.__file__)))
+        found = [dist.version for dist in importlib.metadata.distributions(name=DEFLATE_PACKAGE, path=[site])]
+        package = found[0] if found else "unknown"
     return f"zlib-ng {library.ZLIBNG_VERSION} (python {DEFLATE_PACKAGE} {package})"
 
 
