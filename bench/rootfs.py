@@ -178,7 +178,7 @@ class Setup:
 
     tree: str
     layouts: dict
-    gzip_blob: str
+    gzip_blob: "str | None"
     description: str
     size: str
     mkfs: list

@@ -24,7 +24,7 @@ import pytest
 from tdx_rules.initramfs import pgzip
 from tests import debian
 from tests.conftest import scons, stages_run
-from tests.test_pack import mixed, need
+from tests.test_pack import concatenated, extension_modules, mixed, need, stdlib_sources
 
 ROOT = debian.ROOT
 OLDER_RELEASE = "1.0.0"  # python-zlib-ng 1.0.0 bundles zlib-ng 2.2.5
@@ -57,32 +57,15 @@ print(json.dumps({"features": features, "digests": digests}))
 
 def python_files(limit: int) -> bytes:
     """Python sources of the standard library, in a fixed order."""
-    out = bytearray()
-    stdlib = os.path.dirname(os.__file__)
-    for top in ("json", "email", "asyncio", "logging", "xml", "http", "concurrent", "unittest"):
-        for base, dirs, files in sorted(os.walk(os.path.join(stdlib, top))):
-            dirs.sort()
-            for name in sorted(files):
-                if name.endswith(".py"):
-                    with open(os.path.join(base, name), "rb") as handle:
-                        out += handle.read()
-                if len(out) >= limit:
-                    return bytes(out[:limit])
-    return bytes(out)
+    return concatenated(stdlib_sources(), limit)
 
 
 def shared_objects(limit: int) -> bytes:
     """ELF shared objects of this Python (its extension modules), in a fixed order."""
-    paths = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "lib-dynload", "*.so")))
-    out = bytearray()
-    for path in paths:
-        with open(path, "rb") as handle:
-            out += handle.read()
-        if len(out) >= limit:
-            break
+    out = concatenated([path for path in extension_modules() if path.endswith(".so")], limit)
     if len(out) < limit // 2:
         pytest.skip("this Python has too few extension modules in lib-dynload for an initramfs-like sample")
-    return bytes(out[:limit])
+    return out
 
 
 def initramfs_like(scale: int = 1_000_000) -> bytes:

@@ -99,17 +99,25 @@ def test_pgzip_header_is_gnu_gzip_n_header_and_trailer_is_standard():
     assert decoder.decompress(ours) == data and decoder.eof and decoder.unused_data == b""
 
 
-def realistic_mix(limit: int = 6_000_000) -> bytes:
-    """An initramfs-like mix from this machine: the Python binary, shared objects, stdlib sources."""
+def stdlib_sources() -> list:
+    """Paths of Python sources of the standard library, in a fixed order."""
     stdlib = os.path.dirname(os.__file__)
-    paths = [os.path.realpath(sys.executable)]
-    dynload = os.path.join(stdlib, "lib-dynload")
-    if os.path.isdir(dynload):
-        paths += [os.path.join(dynload, name) for name in sorted(os.listdir(dynload))]
+    paths = []
     for top in ("json", "email", "asyncio", "logging", "xml", "unittest", "http", "concurrent"):
         for base, dirs, files in sorted(os.walk(os.path.join(stdlib, top))):
             dirs.sort()
             paths += [os.path.join(base, name) for name in sorted(files) if name.endswith(".py")]
+    return paths
+
+
+def extension_modules() -> list:
+    """Paths of this Python's extension modules (ELF shared objects), in a fixed order."""
+    dynload = os.path.join(os.path.dirname(os.__file__), "lib-dynload")
+    return [os.path.join(dynload, name) for name in sorted(os.listdir(dynload))] if os.path.isdir(dynload) else []
+
+
+def concatenated(paths, limit: int) -> bytes:
+    """The first ``limit`` bytes of the files at ``paths``, one after another."""
     out = bytearray()
     for path in paths:
         with open(path, "rb") as handle:
@@ -117,6 +125,11 @@ def realistic_mix(limit: int = 6_000_000) -> bytes:
         if len(out) >= limit:
             break
     return bytes(out[:limit])
+
+
+def realistic_mix(limit: int = 6_000_000) -> bytes:
+    """An initramfs-like mix from this machine: the Python binary, shared objects, stdlib sources."""
+    return concatenated([os.path.realpath(sys.executable)] + extension_modules() + stdlib_sources(), limit)
 
 
 def test_pgzip_size_is_within_one_percent_of_gzip_9n():

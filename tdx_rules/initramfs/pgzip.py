@@ -133,13 +133,7 @@ def compressor_identity() -> str:
     """What makes the gzip bytes, e.g. ``zlib-ng 2.3.3 (python zlib-ng 1.1.0)``: the zlib-ng
     library version and the version of the Python package that bundles it (the one imported)."""
     library = _library()
-    package = getattr(zlib_ng, "__version__", None)  # the imported package's own (1.0.0 and 1.1.0 have it)
-    if package is None:  # else its metadata beside it; importlib.metadata alone costs a no-op build ~20 ms
-        import importlib.metadata
-
-        site = os.path.dirname(os.path.dirname(os.path.abspath(zlib_ng.__file__)))
-        found = [dist.version for dist in importlib.metadata.distributions(name=DEFLATE_PACKAGE, path=[site])]
-        package = found[0] if found else "unknown"
+    package = getattr(zlib_ng, "__version__", "unknown")  # the imported package's own (1.0.0 and 1.1.0 have it)
     return f"zlib-ng {library.ZLIBNG_VERSION} (python {DEFLATE_PACKAGE} {package})"
 
 

@@ -238,7 +238,8 @@ class TarLayer(Layer):
                     yield member, (BodyRef(path, data, member.size) if member.type == FILE else None)
             except Unsupported:
                 spool.drain()
-                yield from self._members_by_tarfile_spooled(spool, scanned)
+                with open(path, "rb") as handle:
+                    yield from self._members_by_tarfile(handle, 0, spool.size, skip=scanned, bodies=path)
             spool.drain()  # padding and what follows the end-of-archive block: hashed too
             self._verify(decompressor, spool)
         except _CORRUPT as exc:
@@ -249,29 +250,6 @@ class TarLayer(Layer):
         finally:
             decompressor.stop()
             os.close(fd)
-
-    def _members_by_tarfile_spooled(self, spool: "_SpoolFile", scanned: int):
-        """The members after the first ``scanned`` of the complete spool, read by tarfile."""
-        with open(spool.path, "rb") as handle:
-            tar = tarfile.open(fileobj=handle, mode="r|", errors="surrogateescape")
-            count = 0
-            while True:
-                info = tar.next()
-                tar.members.clear()  # a stream of many members must not pile up TarInfo objects
-                if info is None:
-                    if spool.size < tar.offset + tarfile.BLOCKSIZE:
-                        raise EOFError("the tar stream ends before its end-of-archive block")
-                    return
-                count += 1
-                if count <= scanned:
-                    continue
-                member = _tar_member(info)
-                if member.type != FILE:
-                    yield member, None
-                elif info.sparse is None:
-                    yield member, BodyRef(spool.path, info.offset_data, info.size)
-                else:
-                    yield member, _TarFileReader(tar.extractfile(info), self)
 
     def _members_in_place(self, checks: Optional[list]) -> Iterator[Tuple[Member, Optional[BinaryIO]]]:
         """An uncompressed blob in a host file: its members read in place.
@@ -328,9 +306,7 @@ class TarLayer(Layer):
                     yield member, (BodyRef(path, base + data, member.size) if member.type == FILE else None)
             except Unsupported:
                 check.wait(tar_check=lambda: self._members_by_tarfile(handle, base, size))
-                for index, item in enumerate(self._members_by_tarfile(handle, base, size)):
-                    if index >= scanned:
-                        yield item
+                yield from self._members_by_tarfile(handle, base, size, skip=scanned)
                 return
         except BaseException:
             check.wait(quiet=True)
@@ -353,18 +329,27 @@ class TarLayer(Layer):
             raise TdxError(f"layer {self.digest}: content has digest {got}, not the diff_id {self.diff_id} of the "
                            "image config; the image is corrupt: pull or save it again")
 
-    def _members_by_tarfile(self, handle, base: int, size: int):
+    def _members_by_tarfile(self, handle, base: int, size: int, skip: int = 0, bodies: Optional[str] = None):
+        """The members of the tar of ``size`` bytes at ``base`` of ``handle``, read by tarfile,
+        after the first ``skip`` (those a scan already yielded). Bodies are readers, or, with
+        ``bodies`` (the path of ``handle``), :class:`BodyRef` slices of it where not sparse."""
         tar = tarfile.open(fileobj=_Window(handle, base, size), mode="r:", errors="surrogateescape")
+        count = 0
         while True:
             info = tar.next()
-            tar.members.clear()
+            tar.members.clear()  # a stream of many members must not pile up TarInfo objects
             if info is None:
                 if size < tar.offset + tarfile.BLOCKSIZE:
                     raise EOFError("the tar stream ends before its end-of-archive block")
                 return
+            count += 1
+            if count <= skip:
+                continue
             member = _tar_member(info)
             reader = None
-            if member.type == FILE:
+            if member.type == FILE and bodies is not None and info.sparse is None:
+                reader = BodyRef(bodies, base + info.offset_data, info.size)
+            elif member.type == FILE:
                 reader = _TarFileReader(tar.extractfile(info), self)
             yield member, reader
 
