@@ -148,14 +148,17 @@ def resolve_recorded(path, cache: str):
 
 class RangeHasher(threading.Thread):
     """Digests of byte ranges of files, computed in a thread while the caller goes on.
-    ``ranges`` are ``(path, offset, size)`` (size None: to the end of the file);
-    ``digest`` makes a hashlib-style object (SHA-256 unless told). :meth:`result`
-    waits and returns the hex digests in order, or raises what reading raised."""
+    ``ranges`` are ``(path, offset, size)`` (size None: to the end of the file), an
+    iterable the thread consumes as it goes (it must not change meanwhile);
+    ``digest`` makes a hashlib-style object (SHA-256 unless told), ``finish`` turns
+    one into its result (its hex digest unless told). :meth:`result` waits and
+    returns the results in order, or raises what reading raised."""
 
-    def __init__(self, ranges, digest=hashlib.sha256):
+    def __init__(self, ranges, digest=hashlib.sha256, finish=lambda digest: digest.hexdigest()):
         super().__init__(daemon=True)
-        self._ranges = list(ranges)
+        self._ranges = ranges
         self._digest = digest
+        self._finish = finish
         self._digests: list = []
         self._error = None
 
@@ -177,7 +180,7 @@ class RangeHasher(threading.Thread):
                     digest.update(data)
                     if size is not None:
                         size -= len(data)
-                self._digests.append(digest.hexdigest())
+                self._digests.append(self._finish(digest))
         except BaseException as exc:  # handed to the caller by result()
             self._error = exc
         finally:

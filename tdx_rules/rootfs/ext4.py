@@ -15,8 +15,8 @@ is left behind on failure.
 Same tree, agent, epoch, size and label give a byte-identical image whatever
 the host, its clock, umask, file times or the build directory:
 
-* the filesystem UUID is derived from a SHA-256 over the whole input: paths, metadata, symlink targets, xattrs, every file's size
-  and CRC-32C (worked out in a thread while the bytes are copied; a
+* the filesystem UUID is derived from a SHA-256 over the whole input: paths,
+  metadata, symlink targets, xattrs, every file's size and CRC-32C (worked out in a thread while the bytes are copied; a
   fingerprint, not a security digest: the rootfs cache is keyed by the layers'
   SHA-256 digests), epoch, size and label. The same tree therefore gives the
   same image from a plain or a compressed layer, or from layers whose tar
@@ -51,6 +51,8 @@ from . import ext4_writer as writer
 from .member import BLOCK as BLOCK_DEV
 from .member import CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK
 
+Node = writer.Node
+
 BLOCK = writer.BLOCK
 INODE_SIZE = writer.INODE_SIZE
 INODE_RATIO = 16384
@@ -74,29 +76,19 @@ class Ext4Image:
     inodes: int
 
 
-@dataclasses.dataclass(slots=True)
-class _Inode:
-    type: str
-    mode: int
-    uid: int
-    gid: int
-    rdev: Optional[Tuple[int, int]]
-    xattrs: Tuple[Tuple[str, bytes], ...]
-    target: Optional[str]
-    body: Optional[str]
-    offset: Optional[int]  # where the bytes start in ``body``; None: the whole file
-    size: int
-    content: Optional[str]  # fingerprint of the bytes: size and CRC-32C, worked out while the image is written
-    paths: List[str]
-
-
 def _key(path: str) -> Tuple[bytes, ...]:
     return tuple(part for part in os.fsencode(path).split(b"/") if part)
 
 
-def _inodes(entries: Iterable) -> Dict[str, _Inode]:
-    """Inodes keyed by their first path; hard links become extra paths."""
-    by_path: Dict[str, _Inode] = {}
+def _names(node: Node) -> List[str]:
+    """Every path of ``node``: its first, then its hard links' (``aliases``)."""
+    return [node.path] + (node.aliases or [])
+
+
+def _inodes(entries: Iterable) -> Dict[str, Node]:
+    """The writer's nodes keyed by path (hard links: one node under each of its paths, the
+    other paths its ``aliases``). Directories get their ``children`` later (:func:`_link`)."""
+    by_path: Dict[str, Node] = {}
     for entry in entries:
         if entry.type == HARDLINK:
             owner = by_path.get(entry.target)
@@ -104,7 +96,10 @@ def _inodes(entries: Iterable) -> Dict[str, _Inode]:
                 what = "a directory" if owner is not None else "not in the tree (or listed after the link)"
                 raise TdxError(f"hard link {entry.path!r} points to {entry.target!r}, which is {what}; "
                                "rebuild the tree with tdx_rules.rootfs.tree.apply_layers")
-            owner.paths.append(entry.path)
+            if owner.aliases is None:
+                owner.aliases = []
+            owner.aliases.append(entry.path)
+            owner.links += 1
             by_path[entry.path] = owner
             continue
         if entry.type not in _TYPES:
@@ -118,9 +113,11 @@ def _inodes(entries: Iterable) -> Dict[str, _Inode]:
                 raise TdxError(f"{entry.path!r}: its body {entry.body} cannot be read ({exc.strerror or exc}); "
                                "keep the tree (its staging directory, its layer files) until the image is "
                                "built") from None
-        by_path[entry.path] = _Inode(entry.type, entry.mode & 0o7777, entry.uid, entry.gid, entry.rdev,
-                                     tuple(entry.xattrs), entry.target, entry.body, offset, size, None,
-                                     [entry.path])
+        body = entry.body if entry.type == FILE else None
+        by_path[entry.path] = Node(
+            entry.type, entry.mode & 0o7777, entry.uid, entry.gid, entry.rdev, tuple(entry.xattrs),
+            os.fsencode(entry.target) if entry.type == SYMLINK else None, body, offset or 0,
+            size if body is not None else 0, children={} if entry.type == DIR else None, path=entry.path)
     if "/" not in by_path:
         by_path["/"] = _dir("/")
     elif by_path["/"].type != DIR:
@@ -128,8 +125,8 @@ def _inodes(entries: Iterable) -> Dict[str, _Inode]:
     return by_path
 
 
-def _dir(path: str, mode: int = 0o755) -> _Inode:
-    return _Inode(DIR, mode, 0, 0, None, (), None, None, None, 0, None, [path])
+def _dir(path: str, mode: int = 0o755) -> Node:
+    return Node(DIR, mode, children={}, path=path)
 
 
 def _parse_size(size) -> Optional[int]:
@@ -164,7 +161,7 @@ def _check_path(path: str) -> None:
 
 # --------------------------------------------------------------------------- agent
 
-def _place_agent(inodes: Dict[str, _Inode], agent: str, guest_path: str) -> str:
+def _place_agent(inodes: Dict[str, Node], agent: str, guest_path: str) -> str:
     """Put the agent at ``guest_path`` (parents resolved through the image's own
     symlinks, missing ones created 0755 root); return the path it lands at."""
     if not isinstance(guest_path, str) or not guest_path.startswith("/") or "\0" in guest_path:
@@ -194,9 +191,10 @@ def _place_agent(inodes: Dict[str, _Inode], agent: str, guest_path: str) -> str:
         hops += 1
         if hops > 40:
             raise TdxError(f"agent_guest_path {guest_path!r}: too many symlinks in the image; pick another path")
-        if inode.target.startswith("/"):
+        target = os.fsdecode(inode.target)
+        if target.startswith("/"):
             current = []
-        pending = inode.target.split("/") + pending
+        pending = target.split("/") + pending
     parent = "/" + "/".join(current)
     for i in range(1, len(current) + 1):
         path = "/" + "/".join(current[:i])
@@ -207,42 +205,41 @@ def _place_agent(inodes: Dict[str, _Inode], agent: str, guest_path: str) -> str:
     if existing is not None:
         if existing.type == DIR:
             raise TdxError(f"agent_guest_path {guest_path!r}: {final} is a directory in the image; pick another path")
-        existing.paths.remove(final)
+        names = _names(existing)
+        names.remove(final)
         del inodes[final]
-        if existing.paths:
-            existing.paths.sort(key=_key)
-            for path in existing.paths:
-                inodes[path] = existing
+        if names:  # the agent replaces one name of a hard-linked file: the others keep it
+            existing.path, existing.aliases, existing.links = names[0], names[1:] or None, len(names)
     try:
         with open(agent, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
     except OSError as exc:
         raise TdxError(f"agent {agent}: cannot read ({exc.strerror or exc}); build the agent first") from None
-    inodes[final] = _Inode(FILE, 0o755, 0, 0, None, (), None, agent, None, size, None, [final])
+    inodes[final] = Node(FILE, 0o755, body=agent, size=size, path=final)
     return final
 
 
 # --------------------------------------------------------------------------- size
 
-def _content_blocks(unique: List[_Inode], nodes: List[writer.Node], hash_seed: bytes) -> int:
+def _content_blocks(nodes: List[Node], hash_seed: bytes) -> int:
     """Blocks for file data, directories, long symlinks, xattr blocks and extent leaves; sets
     each directory node's layout, which that count went by."""
     blocks = 0
-    for inode, node in zip(unique, nodes):
-        if inode.type == FILE:
-            data = -(-inode.size // BLOCK)
+    for node in nodes:
+        if node.type == FILE:
+            data = -(-node.size // BLOCK)
             extents = -(-data // writer.MAX_EXTENT) + data // writer.BLOCKS_PER_GROUP
             blocks += data + (0 if extents <= 4 else -(-extents // writer.EXTENTS_PER_LEAF))
-        elif inode.type == SYMLINK and len(os.fsencode(inode.target)) >= 60:
+        elif node.type == SYMLINK and len(node.target) >= 60:
             blocks += 1
-        elif inode.type == DIR:
+        elif node.type == DIR:
             try:
                 node.layout = writer.dir_layout(list(node.children), hash_seed)
             except writer.LayoutError as exc:
-                raise TdxError(f"directory {inode.paths[0]!r}: {exc}; split it into subdirectories") from None
+                raise TdxError(f"directory {node.path!r}: {exc}; split it into subdirectories") from None
             count = node.layout.count
-            blocks += max(count, writer.LOST_FOUND_BLOCKS) if inode.paths[0] == "/lost+found" else count
-        if inode.xattrs and not writer.xattrs_in_inode(inode.xattrs):
+            blocks += max(count, writer.LOST_FOUND_BLOCKS) if node.path == "/lost+found" else count
+        if node.xattrs and not writer.xattrs_in_inode(node.xattrs):
             blocks += 1
     return blocks
 
@@ -293,17 +290,20 @@ def needed_size(content: int, used_inodes: int, size: Optional[int] = None) -> T
 
 # --------------------------------------------------------------------------- build
 
-def _identity(inodes: List[_Inode], epoch: int, size: int, label: str) -> bytes:
-    """SHA-256 over everything that goes into the image."""
+def _identity(nodes: List[Node], crcs: Iterable[int], epoch: int, size: int, label: str) -> bytes:
+    """SHA-256 over everything that goes into the image; ``crcs``: the CRC-32C of each
+    file body, in the order of ``nodes``."""
+    crcs = iter(crcs)
     digest = hashlib.sha256(FORMAT.encode() + b"\0")
     digest.update(f"{epoch}\0{size}\0{label}\0".encode())
-    for inode in inodes:
-        for path in inode.paths:
+    for node in nodes:
+        for path in _names(node):
             digest.update(os.fsencode(path) + b"\0")
-        digest.update(f"|{inode.type}|{inode.mode:o}|{inode.uid}|{inode.gid}|{inode.rdev}|{inode.size}|"
-                      f"{inode.content}|".encode())
-        digest.update(os.fsencode(inode.target or "") + b"\0")
-        for name, value in inode.xattrs:
+        content = f"{node.size}:crc32c:{next(crcs):08x}" if node.type == FILE and node.body is not None else None
+        digest.update(f"|{node.type}|{node.mode:o}|{node.uid}|{node.gid}|{node.rdev}|{node.size}|"
+                      f"{content}|".encode())
+        digest.update((node.target or b"") + b"\0")
+        for name, value in node.xattrs:
             digest.update(os.fsencode(name) + b"\0" + len(value).to_bytes(8, "little") + value)
         digest.update(b"\n")
     return digest.digest()
@@ -326,15 +326,15 @@ def _uuid(seed: bytes) -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
-def _check_inode(inode: _Inode) -> None:
+def _check_inode(inode: Node) -> None:
     """Refuse what ext4 cannot hold, before anything is written."""
-    path = inode.paths[0]
+    path = inode.path
     if inode.type in (CHAR, BLOCK_DEV):
         major, minor = inode.rdev or (0, 0)
         if not (0 <= major < 1 << 12 and 0 <= minor < 1 << 20):
             raise TdxError(f"device {path!r} has number {major}:{minor}, beyond ext4's 12-bit major and 20-bit "
                            "minor; remove it from the image")
-    elif inode.type == SYMLINK and len(os.fsencode(inode.target)) >= BLOCK:
+    elif inode.type == SYMLINK and len(inode.target) >= BLOCK:
         raise TdxError(f"symlink {path!r} has a target longer than 4095 bytes; shorten it")
     if inode.xattrs:
         try:
@@ -345,20 +345,12 @@ def _check_inode(inode: _Inode) -> None:
         raise TdxError(f"{path!r} has owner {inode.uid}:{inode.gid}, beyond 32 bits; fix the image")
 
 
-def _nodes(unique: List[_Inode], inodes: Dict[str, _Inode]) -> List[writer.Node]:
-    """The writer's nodes, root first, directories with their children by name."""
-    nodes: Dict[int, writer.Node] = {}
-    for inode in unique:
-        source = (inode.body, inode.offset or 0) if inode.type == FILE and inode.body is not None else None
-        nodes[id(inode)] = writer.Node(
-            inode.type, inode.mode, inode.uid, inode.gid, inode.rdev, inode.xattrs,
-            os.fsencode(inode.target) if inode.type == SYMLINK else None, source,
-            inode.size if source else 0, len(inode.paths), {} if inode.type == DIR else None, inode.paths[0])
-    for path, inode in inodes.items():
+def _link(inodes: Dict[str, Node]) -> None:
+    """Give every directory its ``children`` by name (bytes), in the order of ``inodes``."""
+    for path, node in inodes.items():
         if path != "/":
             parent, _, name = path.rpartition("/")
-            nodes[id(inodes[parent or "/"])].children[os.fsencode(name)] = nodes[id(inode)]
-    return [nodes[id(inode)] for inode in unique]
+            inodes[parent or "/"].children[os.fsencode(name)] = node
 
 
 def _space_error(out: str, given: Optional[int], minimum: int, auto: int, detail: str) -> TdxError:
@@ -399,26 +391,23 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
     if lost is None:
         inodes["/lost+found"] = _dir("/lost+found", 0o700)
 
-    unique: List[_Inode] = []
-    seen = set()
+    for node in {id(node): node for node in inodes.values() if node.aliases}.values():
+        names = sorted(_names(node), key=_key)  # the first name in sorted order carries the inode
+        node.path, node.aliases = names[0], names[1:]
+    nodes: List[Node] = []  # each inode once, root first, in the sorted order of its first name
     paths = sorted(inodes, key=_key)
     for path in paths:
-        inode = inodes[path]
-        if id(inode) not in seen:
-            seen.add(id(inode))
-            inode.paths.sort(key=_key)
-            unique.append(inode)
-            _check_inode(inode)
-    del seen
-    for path in inodes:
         _check_path(path)
-
+        node = inodes[path]
+        if node.path == path:
+            nodes.append(node)
+            _check_inode(node)
     hash_seed = _hash_seed(paths)
     del paths
-    nodes = _nodes(unique, inodes)
-    del inodes  # from here on, the writer's nodes: a large tree is held once less
-    content = _content_blocks(unique, nodes, hash_seed)
-    used_inodes = len(unique) + writer.FIRST_INO - 2
+    _link(inodes)
+    del inodes  # from here on, the nodes alone
+    content = _content_blocks(nodes, hash_seed)
+    used_inodes = len(nodes) + writer.FIRST_INO - 2
     minimum, auto = needed_size(content, used_inodes, given)
     image_size = given if given is not None else auto
     if given is not None and (given < minimum or _needed_blocks(content, used_inodes, given) * BLOCK > given):
@@ -427,19 +416,17 @@ def build_ext4(tree, agent_path_on_host, agent_guest_path: str = "/sbin/vm-agent
     e2fsck = tool("e2fsck")  # before anything is written
     # The bodies' fingerprints (the image identity covers the content) are worked out by
     # another thread while the writer allocates blocks and copies the bytes.
-    unhashed = [inode for inode in unique if inode.type == FILE and inode.body is not None]
-    hasher = RangeHasher([(inode.body, inode.offset or 0, inode.size) for inode in unhashed], writer.Crc32c)
+    hasher = RangeHasher(((node.body, node.offset, node.size) for node in nodes
+                          if node.type == FILE and node.body is not None), writer.Crc32c, writer.Crc32c.value)
     ids: Dict[str, str] = {}
 
     def identity() -> bytes:
         try:
-            digests = hasher.result()
+            crcs = hasher.result()
         except (OSError, EOFError) as exc:
             raise TdxError(f"{out}: a file body cannot be read ({getattr(exc, 'strerror', None) or exc}); keep the "
                            "tree (its staging directory, its layer files) until the image is built") from None
-        for inode, digest in zip(unhashed, digests):
-            inode.content = f"{inode.size}:crc32c:{digest}"
-        seed = _identity(unique, epoch, image_size, label)
+        seed = _identity(nodes, crcs, epoch, image_size, label)
         ids["uuid"] = _uuid(seed)
         return bytes.fromhex(ids["uuid"].replace("-", ""))
 

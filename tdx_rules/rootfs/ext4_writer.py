@@ -119,16 +119,23 @@ class Crc32c:
     def update(self, data) -> None:
         self._crc = crc32c(self._crc, data)
 
+    def value(self) -> int:
+        return self._crc ^ _M32
+
     def hexdigest(self) -> str:
-        return f"{self._crc ^ _M32:08x}"
+        return f"{self.value():08x}"
 
 
 # --------------------------------------------------------------------------- model
 
 @dataclasses.dataclass(slots=True)
 class Node:
-    """One inode to write. ``source`` is ``(host path, offset)`` of a regular
-    file's ``size`` bytes; ``children`` maps a directory's names (bytes) to nodes."""
+    """One inode to write. A regular file's ``size`` bytes are in the host file ``body``
+    from ``offset`` (no ``body``: an empty file); ``children`` maps a directory's names
+    (bytes) to nodes. ``aliases`` are a caller's other names of a hard-linked inode (the
+    writer counts names by ``links``). ``start`` and ``plan`` are the writer's: where
+    the blocks went (one run from ``start`` is kept as that number alone: one small
+    record per inode of a large tree is what the plans would otherwise cost)."""
 
     type: str
     mode: int = 0o755
@@ -137,14 +144,18 @@ class Node:
     rdev: Optional[Tuple[int, int]] = None
     xattrs: Sequence[Tuple[str, bytes]] = ()
     target: Optional[bytes] = None
-    source: Optional[Tuple[str, int]] = None
+    body: Optional[str] = None
+    offset: int = 0
     size: int = 0
     links: int = 1
     children: Optional[Dict[bytes, "Node"]] = None
-    path: str = ""  # for messages
+    path: str = ""  # the first name, for messages
+    aliases: Optional[List[str]] = None
     ino: int = 0
     parent: int = 0  # inode number of the parent directory (directories only)
     layout: Optional["DirLayout"] = None  # a directory's, when the caller worked it out already
+    start: int = 0
+    plan: Optional["_Plan"] = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -348,6 +359,21 @@ class _Writer:
 
     # ---- phase 1: allocation
 
+    def allocate(self, node: Node, data_blocks: int) -> None:
+        """:meth:`plan` ``node``'s blocks and keep the plan on it (a single run as its start)."""
+        plan = self.plan(node, data_blocks)
+        if len(plan.runs) == 1 and not plan.leaves and plan.xattr_area is None:
+            node.start = plan.runs[0][0]
+        elif plan.runs or plan.xattr_area is not None:
+            node.plan = plan
+
+    @staticmethod
+    def plan_of(node: Node, data_blocks: int) -> _Plan:
+        """The plan :meth:`allocate` kept for ``node`` (``data_blocks`` as then)."""
+        if node.plan is not None:
+            return node.plan
+        return _Plan(((node.start, data_blocks),) if data_blocks else (), (), 0, None)
+
     def plan(self, node: Node, data_blocks: int) -> _Plan:
         """Allocate ``data_blocks`` for ``node``, then its extent leaves, then its xattr block."""
         runs = tuple(self.runs(data_blocks)) if data_blocks else ()  # tuples: one plan per inode is held
@@ -491,7 +517,7 @@ class _Writer:
     def write_inode(self, node: Node, plan: _Plan) -> None:
         """The metadata of a file, symlink, device or fifo (file bytes are already in place)."""
         if node.type == "file":
-            self.put_inode(node, plan, self.extent_root(node.ino, plan), node.size, EXTENTS_FL)
+            self.put_inode(node, plan, self.extent_root(node.ino, plan), _file_size(node), EXTENTS_FL)
         elif node.type == "symlink" and plan.runs:
             self.pwrite(node.target, plan.runs[0][0])
             self.put_inode(node, plan, self.extent_root(node.ino, plan), len(node.target), EXTENTS_FL)
@@ -603,6 +629,22 @@ class _Writer:
             self.pwrite(descs, first + 1)
 
 
+def _file_size(node: Node) -> int:
+    """Bytes of a regular file's data (none without a body)."""
+    return node.size if node.body is not None else 0
+
+
+def _data_blocks(node: Node) -> int:
+    """Data blocks of ``node``: file bytes, directory blocks (its layout), a long symlink's target."""
+    if node.type == "file":
+        return -(-_file_size(node) // BLOCK)
+    if node.type == "dir":
+        return node.layout.count
+    if node.type == "symlink":
+        return 1 if len(node.target) >= 60 else 0
+    return 0
+
+
 def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *, hash_seed: bytes,
                 identity: Callable[[], bytes], label: bytes, epoch: int) -> Geometry:
     """Write an ext4 filesystem of ``blocks`` 4 KiB blocks into ``fd`` (an empty file).
@@ -646,33 +688,27 @@ def write_image(fd: int, blocks: int, inodes: int, tree: Sequence[Node], *, hash
     try:
         journal_count = journal_blocks(geometry.blocks)
         journal_plan = writer.plan(Node("file"), journal_count) if journal_count else None
-        plans, layouts = [], {}
         for node in ordered:
             try:
                 if node.type == "dir":
-                    layout = node.layout or dir_layout(list(node.children), hash_seed)
-                    if node is lost and layout.hashes is None:
-                        layout.blocks += [[] for _ in range(LOST_FOUND_BLOCKS - len(layout.blocks))]
-                    layouts[node.ino] = layout
-                    plans.append(writer.plan(node, layout.count))
-                elif node.type == "file":
-                    plans.append(writer.plan(node, -(-node.size // BLOCK)))
-                elif node.type == "symlink":
-                    if len(node.target) >= BLOCK:
-                        raise LayoutError("its symlink target is longer than 4095 bytes")
-                    plans.append(writer.plan(node, 1 if len(node.target) >= 60 else 0))
-                else:
-                    plans.append(writer.plan(node, 0))
+                    if node.layout is None:
+                        node.layout = dir_layout(list(node.children), hash_seed)
+                    if node is lost and node.layout.hashes is None:
+                        node.layout.blocks += [[] for _ in range(LOST_FOUND_BLOCKS - len(node.layout.blocks))]
+                elif node.type == "symlink" and len(node.target) >= BLOCK:
+                    raise LayoutError("its symlink target is longer than 4095 bytes")
+                writer.allocate(node, _data_blocks(node))
             except LayoutError as exc:
                 raise LayoutError(f"{node.path or f'inode {node.ino}'}: {exc}") from None
-        for node, plan in zip(ordered, plans):
-            if node.type == "file" and node.size:
-                writer.copy(node.source[0], node.source[1], node.size, plan.runs)
+        for node in ordered:
+            if node.type == "file" and _file_size(node):
+                writer.copy(node.body, node.offset, node.size, writer.plan_of(node, _data_blocks(node)).runs)
         writer.set_uuid(identity())
         journal = writer.write_journal(journal_plan) if journal_plan else None
-        for node, plan in zip(ordered, plans):
+        for node in ordered:
+            plan = writer.plan_of(node, _data_blocks(node))
             if node.type == "dir":
-                writer.write_dir(node, plan, layouts[node.ino])
+                writer.write_dir(node, plan, node.layout)
             else:
                 writer.write_inode(node, plan)
         writer.finish(label, hash_seed, journal, journal_count)
