@@ -226,6 +226,17 @@ def _snapshot():
     return os.environ.get("TDX_RULES_SNAPSHOT", "")
 
 
+def _remote_cache():
+    return os.environ.get("TDX_RULES_REMOTE_CACHE", "")
+
+
+def _remote_cache_push():
+    return os.environ.get("TDX_RULES_REMOTE_CACHE_PUSH", "")
+
+
+_ALL_BUILDERS = ("TdxImage", "TdxStaticProgram", "TdxExt4Rootfs", "TdxPack")
+
+
 VARIABLES = (
     Variable("TDX_CC", lambda: "musl-gcc", "`musl-gcc`", ("TdxStaticProgram",),
              "C compiler for C sources; it must link statically."),
@@ -240,12 +251,19 @@ VARIABLES = (
     Variable("TDX_SNAPSHOT", _snapshot, "`$TDX_RULES_SNAPSHOT`, else none", ("TdxImage",),
              "Snapshot archives a locked file that is no longer offered is fetched from, `NAME=URL,...` "
              "(defaults: debian, debian-security at snapshot.debian.org, ubuntu at snapshot.ubuntu.com)."),
-    Variable("TDX_PYTHON", _python, "the Python running SCons", ("TdxImage", "TdxStaticProgram", "TdxExt4Rootfs",
-                                                                   "TdxPack"),
+    Variable("TDX_REMOTE_CACHE", _remote_cache, "`$TDX_RULES_REMOTE_CACHE`, else none",
+             _ALL_BUILDERS + ("TdxRemoteCache",),
+             "Base URL of a remote cache shared over HTTP GET/PUT (nginx WebDAV, bazel-remote): a miss of the "
+             "local CacheDir asks it for the stage's entry, and fetching stages share downloads through it; "
+             "credentials come from `$TDX_RULES_REMOTE_CACHE_AUTH` only (`user:password` or a bearer token)."),
+    Variable("TDX_REMOTE_CACHE_PUSH", _remote_cache_push, "`$TDX_RULES_REMOTE_CACHE_PUSH`, else off",
+             _ALL_BUILDERS + ("TdxRemoteCache",),
+             "Upload built outputs and downloads to TDX_REMOTE_CACHE (`1` or `0`); off, builds only read it."),
+    Variable("TDX_PYTHON", _python, "the Python running SCons", _ALL_BUILDERS,
              "Interpreter the stage commands run with (left out of the signatures, so a CacheDir is shared "
              "between machines)."),
     Variable("TDX_VERBOSE", lambda: "", "off (also `VERBOSE=1` on the command line or in the environment)",
-             ("TdxImage", "TdxStaticProgram", "TdxExt4Rootfs", "TdxPack"),
+             _ALL_BUILDERS,
              "Print each stage's full command instead of its `[tdx] <stage> <name>` line."),
 )
 

@@ -88,6 +88,26 @@ BUILDERS = (
          "compress": "`gzip`, `zstd`, `xz`, `lz4` or `none`.",
          "level": "Compression level (default: gzip 9, zstd 19, xz 6, lz4 9)."},
         ("the archive at `target`: members sorted, owner 0:0, mtime SOURCE_DATE_EPOCH (else 0)",)),
+    BuilderDoc(
+        "TdxRemoteCache", "tdx_remote_cache",
+        "A remote cache over plain HTTP above SCons's local CacheDir, shared by a CI fleet: a local miss "
+        "asks the server (GET) for the stage's entry, a built output is uploaded (PUT) when pushing; fetching "
+        "stages share the download cache through it. A method of the environment, not a builder.",
+        "env.TdxRemoteCache('https://cache.example/tdx/', push=False)",
+        {"url": "Base URL of the server (http or https, without credentials). `$TDX_RULES_REMOTE_CACHE` wins "
+                "over it when set.",
+         "push": "Also upload what this build makes (`$TDX_RULES_REMOTE_CACHE_PUSH`, `1` or `0`, wins when set). "
+                 "Off by default: a writer can poison the cache for every reader, so only trusted builds "
+                 "(the main branch) should push."},
+        ("no files: entries on the server at `<url>/<KK>/<key>` (SCons's cache key, `KK` its first two "
+         "characters), each a header line with the file's SHA-256, size and mode and then its bytes, checked on "
+         "every retrieval; downloads at `<url>/sha256/<hh>/<sha256>`",
+         "`[tdx] <stage> <name> (remote)` for a stage the server supplied, and one `[tdx] cache: N local, "
+         "N remote, N built` line at the end of the build",
+         "faults of the server (unreachable, timeouts, 5xx, 401/403): one `tdx-rules: warning:` line, then the "
+         "build goes on locally",
+         "the credential: `$TDX_RULES_REMOTE_CACHE_AUTH` (`user:password` for basic authentication, else a "
+         "bearer token), never printed nor written to a file")),
 )
 
 

@@ -11,7 +11,7 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # left out: they hold only a docstring (tests/test_layout.py).
 COMMON = ("errors.py", "fsutil.py", "stages/_entry.py")
 _FETCHING = ("stages/common.py", "upstream/sources.py", "upstream/fetch.py", "upstream/debpkg.py",
-             "upstream/signatures.py", "upstream/release.py", "upstream/lock.py")
+             "upstream/signatures.py", "upstream/release.py", "upstream/lock.py", "upstream/remote.py")
 _MEASURING = ("stages/measure.py", "measure/profiles.py", "measure/rtmr.py", "measure/rtmr0.py",
               "measure/mrtd.py", "measure/tdvf.py", "measure/pe.py", "measure/kernel_patch.py", "rootfs/verity.py")
 STAGE_CODE = {

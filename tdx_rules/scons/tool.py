@@ -25,7 +25,8 @@ import SCons.Script
 from .. import settings as settings_table
 from ..errors import ERROR_PREFIX, TdxError
 from ..upstream import sources
-from . import statcache
+from ..upstream.remote import FAULT_PREFIX
+from . import remote_cache, statcache
 from .stage_code import COMMON as _COMMON
 from .stage_code import PACKAGE_DIR, STAGE_CODE
 
@@ -52,15 +53,20 @@ class _StageAction(SCons.Action.CommandAction):
         messages = []
 
         def spawn(shell, escape, cmd, args, ENV):
-            proc = subprocess.Popen([shell, "-c", " ".join(args)], env=ENV, stderr=subprocess.PIPE)
+            proc = subprocess.Popen([shell, "-c", " ".join(args)], env=remote_cache.stage_environment(args, ENV),
+                                    stderr=subprocess.PIPE)
             for raw in proc.stderr:
                 line = raw.decode("utf-8", "replace")
                 if line.startswith(ERROR_PREFIX):
                     messages.append(line[len(ERROR_PREFIX):].strip())
+                elif line.startswith(FAULT_PREFIX):  # the server of the remote cache failed in the stage
+                    remote_cache.fault(line[len(FAULT_PREFIX):].strip())
                 else:
                     sys.stderr.write(line)
             return proc.wait()
 
+        if SCons.Action.execute_actions:
+            remote_cache.note_build(target)
         result = super().execute(target, source, env.Override({"SPAWN": spawn}), executor)
         if isinstance(result, SCons.Errors.BuildError) and messages:
             result.errstr = messages[-1]
@@ -84,6 +90,8 @@ def _stage(env, stage: str, label: str, targets, sources_, command: str, inherit
         p for p in (os.path.dirname(PACKAGE_DIR), env["ENV"].get("PYTHONPATH")) if p))
     stage_env.update({name: os.environ[name] for name in inherit if name in os.environ})
     nodes = env.Command(targets, sources_, action, ENV=stage_env, IMPLICIT_COMMAND_DEPENDENCIES=0)
+    for node in nodes:  # what the remote cache prints when it supplies the stage
+        node.attributes.tdx_stage_line = f"[tdx] {stage} {label}"
     code = [os.path.join(PACKAGE_DIR, name) for name in _COMMON + STAGE_CODE[stage]]
     env.Depends(nodes, [env.File(path) for path in code])
     values = [node.attributes.tdx_config_value for node in env.Flatten([sources_])
@@ -126,7 +134,7 @@ def _python(module: str) -> str:
 
 # Where downloads go and come from, and the extra trusted keys: they change no output bytes.
 _CACHE_ARGS = ('$( --cache "$TDX_CACHE" --mirror "$TDX_MIRROR" --keyring "$TDX_KEYRING" '
-               '--snapshot "$TDX_SNAPSHOT" $_TDX_REFRESH $)')
+               '--snapshot "$TDX_SNAPSHOT" $_TDX_REFRESH $_TDX_REMOTE_ARGS $)')
 
 
 def _write_config(target, source, env):
@@ -144,6 +152,8 @@ def _config(env, work, stage: str, data: dict):
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     value = env.Value(text)
     node = env._TdxConfig(work.File(f"{stage}.config.json"), value)[0]
+    # Written in no time from its Value: no cache entry (and no request to a remote cache).
+    env.NoCache(node)
     # The stage also depends on the value itself, so that `scons -n`, which writes no config
     # file, still sees a changed setting and lists the stages it would run.
     node.attributes.tdx_config_value = value
@@ -650,10 +660,35 @@ def _add_options() -> None:
                            help="tdx-rules: fail when tdx.lock is not what the inputs resolve to now")
 
 
+def tdx_remote_cache(env, url, push=False):
+    """Share stage outputs and downloads through the HTTP cache at ``url``, above the local
+    CacheDir (:mod:`tdx_rules.scons.remote_cache`); ``push`` also uploads what this build makes.
+
+    ``$TDX_RULES_REMOTE_CACHE`` and ``$TDX_RULES_REMOTE_CACHE_PUSH``, when set, win over the
+    arguments, so CI chooses per job whether to push without editing the SConstruct.
+    """
+    from ..upstream.remote import PUSH_VARIABLE, URL_VARIABLE
+
+    env["TDX_REMOTE_CACHE"] = os.environ.get(URL_VARIABLE) or url
+    pushed = os.environ.get(PUSH_VARIABLE, "")
+    env["TDX_REMOTE_CACHE_PUSH"] = pushed if pushed.strip() else push
+    env["CACHEDIR_CLASS"] = remote_cache.RemoteCacheDir
+    remote_cache.settings(env)  # a bad URL or flag stops here, at the SConstruct's line
+
+
 def generate(env):
     """Add the builders and the rule to ``env``; set every variable they read."""
     _add_options()
     env.SetDefault(**settings_table.construction_defaults())
+    # SCons's CacheDir, with the remote layer of TDX_REMOTE_CACHE above it when one is set.
+    env.SetDefault(CACHEDIR_CLASS=remote_cache.RemoteCacheDir)
+    env["_TDX_REMOTE_ARGS"] = remote_cache.stage_arguments
+    try:
+        remote_cache.settings(env)  # a bad $TDX_RULES_REMOTE_CACHE stops at the SConstruct's Environment line
+    except SCons.Errors.UserError as error:
+        if not getattr(SCons.Script.Main, "print_stacktrace", False):
+            error.__traceback__ = None
+        raise
     env["_tdx_c_sources"] = _c_sources
     # scons --tdx-lock / --tdx-lock-check resolve afresh: cached indexes and checksum files are fetched again.
     env["_TDX_REFRESH"] = "--refresh" if (SCons.Script.GetOption("tdx_lock")
@@ -662,7 +697,8 @@ def generate(env):
     env.Decider(statcache.decider)
     env.Append(BUILDERS={"_TdxConfig": _CONFIG})
     for method, name in ((tdx_static_program, "TdxStaticProgram"), (tdx_image, "TdxImage"),
-                         (tdx_ext4_rootfs, "TdxExt4Rootfs"), (tdx_pack, "TdxPack")):
+                         (tdx_ext4_rootfs, "TdxExt4Rootfs"), (tdx_pack, "TdxPack"),
+                         (tdx_remote_cache, "TdxRemoteCache")):
         env.AddMethod(_reported_at_the_callers_line(method), name)
 
 

@@ -18,6 +18,14 @@ def load_config(path) -> dict:
         return json.load(handle)
 
 
+def remote_arguments(parser, used: bool = True) -> None:
+    """``--remote-cache URL`` and ``--remote-cache-push``: the remote cache downloads are shared
+    through (its credential comes from the environment, never the command line)."""
+    note = "" if used else "unused here; accepted like every fetching stage: "
+    parser.add_argument("--remote-cache", default="", help=note + "base URL of the remote cache")
+    parser.add_argument("--remote-cache-push", action="store_true", help=note + "upload downloads to it")
+
+
 def run(main) -> None:
     try:
         main(sys.argv[1:])

@@ -40,7 +40,7 @@ import zstandard
 from ..errors import TdxError
 from ..fsutil import CACHE_PREFIX, CHUNK, read_json_object, resolve_recorded, sha256_file, write_json
 from ..initramfs import newc
-from ._entry import run
+from ._entry import remote_arguments, run
 
 # The modules a TDX guest needs for attestation (configfs-tsm, tdx_guest) and
 # for talking to the host over virtio-vsock.
@@ -495,6 +495,7 @@ def main(argv) -> None:
     parser.add_argument("--keyring", default="", help="unused here; accepted like every fetching stage")
     parser.add_argument("--snapshot", default="", help="unused here; accepted like every fetching stage")
     parser.add_argument("--refresh", action="store_true", help="unused here; accepted like every fetching stage")
+    remote_arguments(parser, used=False)
     args = parser.parse_args(argv)
     config = read_json_object(args.config, "module stage config", "rebuild it")
     kernel = read_json_object(args.kernel_info, "kernel info", "rebuild it")

@@ -25,7 +25,7 @@ from ..fsutil import CHUNK, atomic_output, copy_file, sha256_file
 from ..rootfs import ext4, verity
 from ..rootfs.formats import open_image
 from ..rootfs.tree import apply_layers
-from ._entry import load_config, run
+from ._entry import load_config, remote_arguments, run
 
 KEY_VERSION = "tdx-rules-rootfs-2"
 
@@ -96,6 +96,7 @@ def main(argv):
     parser.add_argument("--keyring", default="", help="unused; accepted like every fetching stage")
     parser.add_argument("--snapshot", default="", help="unused here; accepted like every fetching stage")
     parser.add_argument("--refresh", action="store_true", help="unused here; accepted like every fetching stage")
+    remote_arguments(parser, used=False)
     args = parser.parse_args(argv)
     config = load_config(args.config)
     build_rootfs(args.source, args.agent, config, args.out, args.cache, log=lambda line: print(line, flush=True))

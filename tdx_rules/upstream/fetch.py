@@ -274,7 +274,7 @@ def _reuse_sibling(directory: str, dest: str) -> bool:
 
 def fetch(url: str, sha256: str, *, cache: str, mirror: Optional[str] = None, name: Optional[str] = None,
           retries: int = 4, timeout: float = 30, backoff: float = 0.5, log: Callable[[str], None] = print,
-          verify: Optional[Callable[[str], None]] = None) -> str:
+          verify: Optional[Callable[[str], None]] = None, remote=None) -> str:
     """Path of the file at ``url`` whose SHA-256 is ``sha256``, in the content cache.
 
     Returns ``<cache>/sha256/<hex>/<name or URL basename>`` at once if present (no
@@ -284,6 +284,9 @@ def fetch(url: str, sha256: str, *, cache: str, mirror: Optional[str] = None, na
     bad bytes are deleted), a redirect loop, or when retries run out.
     ``verify(path)`` (a signature check) runs on the downloaded file before it enters the
     cache and on a cached one; a file it refuses (TdxError) is removed.
+    ``remote`` (an :class:`~tdx_rules.upstream.remote.Remote`): a local miss asks it first, by
+    SHA-256, with the same checks; a file downloaded from ``url`` is uploaded to it when it pushes.
+    A fault of the remote is reported (one line on stderr) and the download goes on as without it.
     """
     sha = _check_sha256(sha256, url)
     directory = os.path.join(os.fspath(cache), "sha256", sha)
@@ -297,7 +300,9 @@ def fetch(url: str, sha256: str, *, cache: str, mirror: Optional[str] = None, na
             return _verified(dest, verify)
         temp = os.path.join(directory, f".{os.path.basename(dest)}.{os.getpid()}.unverified")
         try:
-            _download(url, temp, sha, mirror=mirror, retries=retries, timeout=timeout, backoff=backoff, log=log)
+            from_remote = _from_remote(remote, sha, temp, log)
+            if not from_remote:
+                _download(url, temp, sha, mirror=mirror, retries=retries, timeout=timeout, backoff=backoff, log=log)
             if verify is not None:
                 verify(temp)
             os.replace(temp, dest)
@@ -307,7 +312,43 @@ def fetch(url: str, sha256: str, *, cache: str, mirror: Optional[str] = None, na
             with contextlib.suppress(OSError):
                 os.rmdir(directory)  # only if empty: nothing partial or wrong stays behind
             raise
+        if not from_remote:
+            _to_remote(remote, sha, dest)
     return dest
+
+
+def _from_remote(remote, sha: str, temp: str, log: Callable[[str], None]) -> bool:
+    """Whether the remote cache gave ``temp`` the bytes with ``sha`` (checked)."""
+    if remote is None or remote.failed:
+        return False
+    from .remote import DamagedEntry, RemoteFault, blob_path, report_fault
+
+    try:
+        found = remote.get_blob(sha, temp)
+    except RemoteFault as fault:
+        report_fault(fault)
+        return False
+    except DamagedEntry as damage:
+        log(f"[tdx] remote cache: {remote.url}{blob_path(sha)} is damaged ({damage}); downloading instead")
+        return False
+    except OSError as exc:
+        raise TdxError(f"cannot write {temp} ({exc.strerror or exc}); check free space and permissions "
+                       "of the download cache") from None
+    if found:
+        log(f"[tdx] fetch {remote.url}{blob_path(sha)} (remote cache)")
+    return found
+
+
+def _to_remote(remote, sha: str, path: str) -> None:
+    """Upload a verified download when ``remote`` pushes; a fault is reported, never raised."""
+    if remote is None or not remote.push or remote.failed:
+        return
+    from .remote import RemoteFault, report_fault
+
+    try:
+        remote.put_blob(sha, path)
+    except RemoteFault as fault:
+        report_fault(fault)
 
 
 def _verified(path: str, verify: Optional[Callable[[str], None]]) -> str:

@@ -160,6 +160,7 @@ class Context:
     locked: Optional[dict] = None    # the lock file's entry of the stage's spec: {"locked", "files"}
     snapshot: Optional[str] = None   # a TDX_SNAPSHOT value (snapshot archive bases)
     refresh: bool = False            # fetch cached indexes and checksum files again (writing a lock)
+    remote: object = None            # a remote cache (upstream.remote.Remote) shared by a CI fleet
 
     def trust(self, kind: str):
         from .signatures import trust_for
@@ -236,7 +237,7 @@ def _index_sha256(ctx: Context, base: str, suites, package: str, version: str, w
                 sha, _ = release.sha256[f"main/binary-amd64/{index_name}"]
                 url = f"{base}/dists/{suite}/main/binary-amd64/{index_name}"
                 try:
-                    path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+                    path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, remote=ctx.remote)
                 except NotFound:
                     continue
                 with open(path, "rb") as handle:
@@ -273,7 +274,7 @@ def _alpine(spec: Spec, ctx: Context) -> "Resolved":
                            "tarball cannot be verified; use a release that Alpine signed") from None
         try:
             sha = fetch.alpine_sha256(text.decode("utf-8", "replace"), filename)
-            path = fetch.fetch(spec.url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log,
+            path = fetch.fetch(spec.url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, remote=ctx.remote,
                                verify=signed(signature))
         except TdxError:  # a stale .sha256 or .asc in the cache is fetched again once
             if refresh:
@@ -323,7 +324,7 @@ def _locked(spec: Spec, ctx: Context, what: str) -> List[Resolved]:
         sha, path = item["sha256"], None
         if item.get("url"):  # a named upstream or a URL: from where it was found
             try:
-                path = fetch.fetch(item["url"], sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log,
+                path = fetch.fetch(item["url"], sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, remote=ctx.remote,
                                    name=item.get("file"))
             except NotFound:
                 path = None
@@ -346,7 +347,7 @@ def _locked(spec: Spec, ctx: Context, what: str) -> List[Resolved]:
                 raise TdxError(f"{what}: no snapshot archive is known for {snapshot.get('archive')!r}; "
                                "name one in TDX_SNAPSHOT (NAME=URL)")
             url = f"{base}/{ctx.locked['locked']}/{snapshot['path'].lstrip('./')}"
-            path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, name=item.get("file"))
+            path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, remote=ctx.remote, name=item.get("file"))
         out.append(Resolved(spec.text, path, sha, item.get("url") or "apt", url=item.get("url"),
                             package=item.get("package"), version=item.get("version"), snapshot=item.get("snapshot")))
     return out
@@ -373,7 +374,7 @@ def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved
                          version=version or _deb_version(path),
                          snapshot={"archive": origin[0], "path": origin[1]} if origin else None)]
     if spec.kind == "url":
-        path = fetch.fetch(spec.url, spec.sha256, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+        path = fetch.fetch(spec.url, spec.sha256, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, remote=ctx.remote)
         return [Resolved(spec.text, path, spec.sha256, spec.url, url=spec.url)]
     if spec.kind == "alpine":
         return [_alpine(spec, ctx)]
@@ -381,7 +382,7 @@ def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved
         out = []
         for package, version, url in ubuntu_kernel_debs(spec.version):
             sha = _index_sha256(ctx, UBUNTU_ARCHIVE, UBUNTU_KERNEL_SUITES, package, version, what, "ubuntu-kernel")
-            path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+            path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, remote=ctx.remote)
             out.append(Resolved(spec.text, path, sha, url, url=url, package=package, version=version,
                                 snapshot={"archive": "ubuntu", "path": url[len(UBUNTU_ARCHIVE) + 1:]}))
         return out
@@ -389,7 +390,7 @@ def materialize(spec: Spec, ctx: Context, what: str = "source") -> List[Resolved
         package, version, url = canonical_ovmf_deb(spec.version)
         sha = _index_sha256(ctx, CANONICAL_OVMF_PPA, (CANONICAL_OVMF_SUITE,), package, version, what,
                             "canonical-ovmf")
-        path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log)
+        path = fetch.fetch(url, sha, cache=ctx.cache, mirror=ctx.mirror, log=ctx.log, remote=ctx.remote)
         return [Resolved(spec.text, path, sha, url, url=url, package=package, version=version)]
     raise TdxError(f"{what}: a {spec.kind!r} spec cannot be used here")
 
