@@ -38,10 +38,16 @@ def boot_image(script: str, *, until: str = None, timeout: float = 300, accel: s
     done = threading.Event()
 
     def reader():
+        # The serial console arrives in pieces of any size (often a few bytes): look for
+        # ``until`` in a rolling tail of the bytes, not in the last few pieces.
+        needle = until.encode() if until else b""
+        tail = b""
         for raw in iter(lambda: proc.stdout.read1(4096), b""):
             chunks.append(raw)
-            if until and until.encode() in b"".join(chunks[-4:]):
-                done.set()
+            if needle:
+                tail = (tail + raw)[-(len(needle) + 4096):]
+                if needle in tail:
+                    done.set()
         done.set()
 
     thread = threading.Thread(target=reader, daemon=True)

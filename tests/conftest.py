@@ -78,15 +78,22 @@ def write_project(path, image_options: str, extra_setup: str = "") -> str:
     return str(path)
 
 
+# The SConstruct lines that read opts.json (tests change options by rewriting it).
+FAST_SETUP = "import json, os\nOPTS = json.load(open('opts.json')) if os.path.exists('opts.json') else {}"
+
+
+def fast_options(small_kernel) -> str:
+    """TdxImage keywords for an image from Debian parts with the small modules tree (needs FAST_SETUP)."""
+    return (f"minirootfs='debian', kernel='file:{small_kernel['vmlinuz']}', "
+            f"modules_dir={small_kernel['modules_dir']!r}, ovmf='file:/usr/share/ovmf/OVMF.fd', ovmf_version='2022.11', "
+            "memory=OPTS.get('memory', '2G'), ssh_keys=OPTS.get('ssh_keys', []), env_vars=OPTS.get('env_vars', {}), "
+            "extra_files=OPTS.get('extra_files', {}), cmdline='console=ttyS0 panic=-1'")
+
+
 @pytest.fixture
 def fast_project(tmp_path, small_kernel):
     """A complete image from Debian parts with a small modules tree: builds in seconds."""
-    options = (f"minirootfs='debian', kernel='file:{small_kernel['vmlinuz']}', "
-               f"modules_dir={small_kernel['modules_dir']!r}, ovmf='file:/usr/share/ovmf/OVMF.fd', ovmf_version='2022.11', "
-               "memory=OPTS.get('memory', '2G'), ssh_keys=OPTS.get('ssh_keys', []), env_vars=OPTS.get('env_vars', {}), "
-               "extra_files=OPTS.get('extra_files', {}), cmdline='console=ttyS0 panic=-1'")
-    setup = "import json, os\nOPTS = json.load(open('opts.json')) if os.path.exists('opts.json') else {}"
-    return write_project(tmp_path / "proj", options, setup)
+    return write_project(tmp_path / "proj", fast_options(small_kernel), FAST_SETUP)
 
 
 def fuzz_examples(default: int) -> int:

@@ -87,3 +87,14 @@ def test_rebuild_of_the_example_is_byte_identical(hello_image, tmp_path):
     for name in sorted(os.listdir(hello_image)):
         if os.path.isfile(os.path.join(hello_image, name)):
             assert (other / name).read_bytes() == open(os.path.join(hello_image, name), "rb").read(), name
+
+
+def test_until_is_found_when_the_console_arrives_a_few_bytes_at_a_time(tmp_path):
+    """A guest that keeps running (a service) ends the boot only through ``until``; the
+    serial console hands it over in small pieces. A stand-in script plays that console."""
+    script = tmp_path / "slow-console.sh"
+    script.write_text("#!/bin/sh\nprintf 'booting '\nfor byte in G O - S E R V I N G; do\n"
+                      "  printf '%s' \"$byte\"; sleep 0.05\ndone\nexec sleep 600\n")
+    script.chmod(0o755)
+    console = boot_image(str(script), until="GO-SERVING", timeout=60)
+    assert "GO-SERVING" in console

@@ -40,6 +40,8 @@ CHECKS = (
           _command("cargo"), required=False),
     Check(f"rust target {program.RUST_TARGET}", "static Rust programs", f"rustup target add {program.RUST_TARGET}",
           _rust_target, required=False),
+    Check("go", "Go programs (TdxStaticProgram with a go.mod)", "apt-get install golang-go", _command("go"),
+          required=False),
     Check("qemu-system-x86_64", "the launch scripts, ./run demo", "apt-get install qemu-system-x86",
           _command("qemu-system-x86_64"), required=False),
     Check("e2fsck", "container root filesystems (TdxExt4Rootfs): checks each image built or reused",

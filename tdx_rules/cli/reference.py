@@ -55,11 +55,17 @@ BUILDERS = (
         "TdxStaticProgram", "tdx_static_program",
         "A static x86-64 workload: C sources compiled with TDX_CC (musl-gcc), a Rust crate (its Cargo.toml) "
         "built for x86_64-unknown-linux-musl when that target is installed, else as a static glibc binary "
-        "(`-C target-feature=+crt-static`, reported), or a prebuilt static ELF that is only checked.",
-        "env.TdxStaticProgram('hello', ['hello.c'])  # or ['Cargo.toml'], or ['prebuilt-binary']",
+        "(`-C target-feature=+crt-static`, reported), a Go module (its go.mod) built with `CGO_ENABLED=0 "
+        "-trimpath -buildvcs=false -ldflags='-s -w -buildid='` offline (`GOPROXY=off`, `-mod=vendor` when it has "
+        "a `vendor/` directory), or a prebuilt static ELF that is only checked.",
+        "env.TdxStaticProgram('hello', ['hello.c'])  # or ['Cargo.toml'], ['go.mod'], or ['prebuilt-binary']",
         {"target": "Output file.",
          "source": "C sources (`.c`, `.h`), a `Cargo.toml` (its Cargo.lock, build.rs and everything under "
-                   "`src/` are dependencies; add others with `env.Depends`), or one prebuilt executable.",
+                   "`src/` are dependencies; add others with `env.Depends`), a `go.mod` (go.sum, "
+                   "vendor/modules.txt and the module's `.go` and `.s` files except `_test.go`, with vendor/, "
+                   "are dependencies, as is the Go release; the build cache and GOPATH are in "
+                   "`.tdx-go/<target>/` beside the target; files read through `//go:embed` need "
+                   "`env.Depends`), or one prebuilt executable.",
          "bin": "Rust only: the binary of the crate to build (default: the target's file name)."},
         ("the static executable at `target` (a dynamic binary is refused)",)),
     BuilderDoc(

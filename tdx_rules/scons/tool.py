@@ -34,6 +34,8 @@ _TRUE = ("1", "true", "yes", "on")
 AGENT_PATH = "/sbin/vm-agent"
 # cargo and rustup are found through the user's PATH and home (~/.cargo, ~/.rustup).
 _RUST_ENV = ("PATH", "HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN")
+# go is found through PATH (and GOROOT when set); the stage sets every other Go variable itself.
+_GO_ENV = ("PATH", "GOROOT", "TMPDIR")
 ROOTFS_DEVICE = "/dev/vda"
 # ext4 needs a crc32c implementation (a soft dependency, by alias, that modinfo does not resolve).
 ROOTFS_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
@@ -177,7 +179,7 @@ def _spec_inputs(env, spec_text: str, what: str):
 
 
 def tdx_static_program(env, target, source=None, bin=None):
-    """Build a static x86-64 workload from C sources, a Cargo.toml, or a prebuilt binary."""
+    """Build a static x86-64 workload from C sources, a Cargo.toml, a go.mod, or a prebuilt binary."""
     target = str(target)
     srcs = env.Flatten([source])
     if not srcs:
@@ -199,6 +201,17 @@ def tdx_static_program(env, target, source=None, bin=None):
         command = (f"{_python('program')} rust --bin {bin or os.path.basename(target)} "
                    f"--target {rust_build_target()} --out $TARGET ${{SOURCES[0]}}")
         return _stage(env, "program", os.path.basename(target), [target], deps, command, inherit=_RUST_ENV)
+    elif os.path.basename(first) == "go.mod":
+        from ..stages.program import go_module_inputs, go_version
+
+        gomod = env.File(first)
+        deps = [gomod] + [env.File(f) for f in go_module_inputs(gomod.srcnode().abspath)
+                          if f != gomod.srcnode().abspath]
+        nodes = _stage(env, "program", os.path.basename(target), [target], deps,
+                       f"{_python('program')} go --out $TARGET ${{SOURCES[0]}}", inherit=_GO_ENV)
+        # Another Go release builds other bytes: it reruns the build (read when the SConstruct is).
+        env.Depends(nodes, env.Value("go " + go_version()))
+        return nodes
     elif all(str(s).endswith((".c", ".h")) for s in srcs):
         deps = srcs
         command = (f'{_python("program")} c --cc $TDX_CC --cflags="$TDX_CFLAGS" --out $TARGET '

@@ -4,11 +4,15 @@ C sources are compiled with ``musl-gcc -static`` and flags that keep build
 paths and build IDs out of the binary; a Rust crate is built with cargo for
 ``x86_64-unknown-linux-musl`` when that target is installed, else for the host's
 ``x86_64-unknown-linux-gnu`` as a static glibc binary (``-C target-feature=+crt-static``);
-a prebuilt binary is only checked. Every result must be a static x86-64 ELF.
+a Go module (its go.mod) is built with ``CGO_ENABLED=0``, ``-trimpath``, ``-buildvcs=false`` and an
+empty build ID, offline (``GOPROXY=off``, ``-mod=vendor`` when it has a vendor/ directory), with
+its build cache and GOPATH beside the output; a prebuilt binary is only checked. Every result
+must be a static x86-64 ELF.
 """
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +25,16 @@ from ._entry import run
 RUST_TARGET = "x86_64-unknown-linux-musl"
 RUST_GLIBC_TARGET = "x86_64-unknown-linux-gnu"
 REPRODUCIBLE_CFLAGS = ["-static", "-s", "-Wl,--build-id=none", "-fno-ident"]
+# -s -w: no symbol table or DWARF (as the C and Rust builds strip theirs); -buildid=: no Go build ID
+# note; -trimpath: no file system paths; -buildvcs=false: no VCS stamp (it would differ between checkouts).
+GO_BUILD_FLAGS = ["-trimpath", "-buildvcs=false", "-ldflags=-s -w -buildid="]
+# The whole environment of `go build` besides PATH (and GOROOT, TMPDIR when set): the user's go env
+# file, GOFLAGS and workspace are not read, the target is fixed, nothing is fetched, no toolchain switch.
+GO_ENV = {"CGO_ENABLED": "0", "GOOS": "linux", "GOARCH": "amd64", "GOAMD64": "v1", "GO111MODULE": "on",
+          "GOENV": "off", "GOWORK": "off", "GOPROXY": "off", "GOSUMDB": "off", "GOTOOLCHAIN": "local"}
+# Where a Go program's build cache and GOPATH go, beside its output (a dot directory: Go and
+# go_module_inputs skip it, so an output inside the module is no input of it).
+GO_WORK_DIR = ".tdx-go"
 
 
 def compile_c(cc: str, cflags, sources, out: str) -> None:
@@ -81,6 +95,78 @@ def build_rust(manifest: str, binary_name: str, out: str, target: str = RUST_TAR
     copy_file(built, out, mode=0o755)
 
 
+def go_module_inputs(gomod: str) -> list:
+    """The files of the Go module of ``gomod`` that ``go build`` reads: go.mod, go.sum,
+    vendor/modules.txt and every non-test ``.go`` and ``.s`` file (in a fixed order: directories
+    and names sorted).
+
+    Left out as Go leaves them out: directories starting with ``.`` or ``_``, ``testdata``,
+    and nested modules (a directory with its own go.mod, outside vendor/).
+    """
+    module = os.path.dirname(os.path.abspath(gomod))
+    files = [os.path.join(module, name) for name in ("go.mod", "go.sum", os.path.join("vendor", "modules.txt"))
+             if os.path.isfile(os.path.join(module, name))]
+    for top, dirs, names in os.walk(module):
+        in_vendor = os.path.relpath(top, module).split(os.sep)[0] == "vendor"
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")) and d != "testdata"
+                         and (in_vendor or not os.path.isfile(os.path.join(top, d, "go.mod"))))
+        files += [os.path.join(top, name) for name in sorted(names)
+                  if name.endswith((".go", ".s")) and not name.endswith("_test.go")]
+    return files
+
+
+def go_version() -> str:
+    """``go env GOVERSION`` as the build will see it, or ``"none"`` when go is not on PATH."""
+    try:
+        result = subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True, timeout=60,
+                                env=_go_environ({}))
+    except (OSError, subprocess.TimeoutExpired):
+        return "none"
+    return result.stdout.strip() if result.returncode == 0 else "none"
+
+
+def _go_environ(extra: dict) -> dict:
+    env = {name: os.environ[name] for name in ("PATH", "GOROOT", "TMPDIR") if name in os.environ}
+    env.update(GO_ENV)
+    env.update(extra)
+    return env
+
+
+def _first_go_error(stderr: str) -> str:
+    """The first compiler error (``file.go:line:col: message``), else the first ``go:`` line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("#")]
+    for pattern in (r"^\S+\.(go|s):\d+", r"^go: "):
+        for line in lines:
+            if re.match(pattern, line):
+                return line
+    return lines[0] if lines else ""
+
+
+def build_go(gomod: str, out: str) -> None:
+    """Build the main package of the module of ``gomod`` into the static binary ``out``.
+
+    The build cache and GOPATH are in ``.tdx-go/<name>/`` beside ``out``; nothing is fetched
+    (``GOPROXY=off``), so dependencies come from vendor/ (then ``-mod=vendor``) or that cache.
+    """
+    name = os.path.basename(out)
+    if shutil.which("go") is None:
+        raise TdxError(f"{gomod}: go not found; install Go (Debian: apt-get install golang-go) or put it on PATH")
+    module = os.path.dirname(os.path.abspath(gomod))
+    outdir = os.path.dirname(os.path.abspath(out))
+    work = os.path.join(outdir, GO_WORK_DIR, name)
+    goflags = ["-modcacherw"] + (["-mod=vendor"] if os.path.isdir(os.path.join(module, "vendor")) else [])
+    env = _go_environ({"GOCACHE": os.path.join(work, "cache"), "GOPATH": os.path.join(work, "gopath"),
+                       "GOMODCACHE": os.path.join(work, "gopath", "pkg", "mod"), "GOFLAGS": " ".join(goflags)})
+    with tempfile.TemporaryDirectory(prefix=".program.", dir=outdir) as tmp:
+        binary = os.path.join(tmp, "a.out")
+        result = subprocess.run(["go", "build", *GO_BUILD_FLAGS, "-o", binary, "."], cwd=module, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if result.returncode:
+            raise TdxError(f"{gomod}: go build failed: {_first_go_error(result.stdout) or result.returncode}")
+        check_static_x86_64(binary, name)
+        copy_file(binary, out, mode=0o755)
+
+
 def check_prebuilt(path: str, out: str) -> None:
     check_static_x86_64(path, "binary")
     copy_file(path, out, mode=0o755)
@@ -88,7 +174,7 @@ def check_prebuilt(path: str, out: str) -> None:
 
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.program")
-    parser.add_argument("kind", choices=("c", "rust", "prebuilt"))
+    parser.add_argument("kind", choices=("c", "rust", "go", "prebuilt"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--cc", default="musl-gcc")
     parser.add_argument("--cflags", default="")
@@ -100,6 +186,8 @@ def main(argv):
         compile_c(args.cc, args.cflags.split(), args.sources, args.out)
     elif args.kind == "rust":
         build_rust(args.sources[0], args.bin or os.path.basename(args.out), args.out, args.target)
+    elif args.kind == "go":
+        build_go(args.sources[0], args.out)
     else:
         check_prebuilt(args.sources[0], args.out)
 
