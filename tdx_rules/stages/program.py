@@ -4,7 +4,8 @@ C sources are compiled with ``musl-gcc -static`` and flags that keep build
 paths and build IDs out of the binary; a Rust crate is built with cargo for
 ``x86_64-unknown-linux-musl`` when that target is installed, else for the host's
 ``x86_64-unknown-linux-gnu`` as a static glibc binary (``-C target-feature=+crt-static``);
-a prebuilt binary is only checked. Every result must be a static x86-64 ELF.
+a prebuilt binary is only checked. Every result must be a static x86-64 ELF, except
+for ``dynamic``: a prebuilt dynamically linked one, whose libraries the closure stage packs.
 """
 
 import argparse
@@ -13,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 
-from ..elf import check_static_x86_64
+from ..elf import check_dynamic_x86_64, check_static_x86_64
 from ..errors import TdxError
 from ..fsutil import copy_file
 from ._entry import run
@@ -86,9 +87,14 @@ def check_prebuilt(path: str, out: str) -> None:
     copy_file(path, out, mode=0o755)
 
 
+def check_dynamic(path: str, out: str) -> None:
+    check_dynamic_x86_64(path, "binary")
+    copy_file(path, out, mode=0o755)
+
+
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.program")
-    parser.add_argument("kind", choices=("c", "rust", "prebuilt"))
+    parser.add_argument("kind", choices=("c", "rust", "prebuilt", "dynamic"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--cc", default="musl-gcc")
     parser.add_argument("--cflags", default="")
@@ -100,6 +106,8 @@ def main(argv):
         compile_c(args.cc, args.cflags.split(), args.sources, args.out)
     elif args.kind == "rust":
         build_rust(args.sources[0], args.bin or os.path.basename(args.out), args.out, args.target)
+    elif args.kind == "dynamic":
+        check_dynamic(args.sources[0], args.out)
     else:
         check_prebuilt(args.sources[0], args.out)
 
