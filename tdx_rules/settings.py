@@ -231,8 +231,9 @@ VARIABLES = (
              "C compiler for C sources; it must link statically."),
     Variable("TDX_CFLAGS", lambda: "-Os", "`-Os`", ("TdxStaticProgram",), "Flags for TDX_CC."),
     Variable("TDX_CACHE", default_cache_dir, "`$TDX_RULES_CACHE`, else `~/.cache/tdx-rules`",
-             ("TdxImage", "TdxExt4Rootfs"), "Download and artifact cache shared by every project on the machine."),
-    Variable("TDX_MIRROR", _mirror, "`$TDX_RULES_MIRROR`, else none", ("TdxImage",),
+             ("TdxImage", "TdxProgram", "TdxExt4Rootfs"),
+             "Download and artifact cache shared by every project on the machine."),
+    Variable("TDX_MIRROR", _mirror, "`$TDX_RULES_MIRROR`, else none", ("TdxImage", "TdxProgram"),
              "Base URL of a mirror tried before the upstream download addresses."),
     Variable("TDX_KEYRING", _keyring, "`$TDX_RULES_KEYRING`, else none", ("TdxImage",),
              "Extra trusted public key files (armored or binary, colon-separated) for the signatures of the "
@@ -240,12 +241,12 @@ VARIABLES = (
     Variable("TDX_SNAPSHOT", _snapshot, "`$TDX_RULES_SNAPSHOT`, else none", ("TdxImage",),
              "Snapshot archives a locked file that is no longer offered is fetched from, `NAME=URL,...` "
              "(defaults: debian, debian-security at snapshot.debian.org, ubuntu at snapshot.ubuntu.com)."),
-    Variable("TDX_PYTHON", _python, "the Python running SCons", ("TdxImage", "TdxStaticProgram", "TdxExt4Rootfs",
-                                                                   "TdxPack"),
+    Variable("TDX_PYTHON", _python, "the Python running SCons", ("TdxImage", "TdxStaticProgram", "TdxProgram",
+                                                                   "TdxExt4Rootfs", "TdxPack"),
              "Interpreter the stage commands run with (left out of the signatures, so a CacheDir is shared "
              "between machines)."),
     Variable("TDX_VERBOSE", lambda: "", "off (also `VERBOSE=1` on the command line or in the environment)",
-             ("TdxImage", "TdxStaticProgram", "TdxExt4Rootfs", "TdxPack"),
+             ("TdxImage", "TdxStaticProgram", "TdxProgram", "TdxExt4Rootfs", "TdxPack"),
              "Print each stage's full command instead of its `[tdx] <stage> <name>` line."),
 )
 

@@ -369,3 +369,24 @@ def test_gcc_built_glibc_program_boots_and_prints_its_marker(glibc_project):
     assert "[tdx-init] starting /usr/bin/app" in console
     assert "GLIBC-WORKLOAD hello cbrt=3.000 ini=42" in console, console[-3000:]
     assert "GLIBC-DONE" in console
+
+
+def test_library_found_through_ld_so_conf_gets_a_name_where_the_image_loader_looks(tmp_path):
+    """The image has no ld.so.cache: a library of an ld.so.conf directory outside the default
+    ones is kept where it was found and named in the first default directory too."""
+    (tmp_path / "two.c").write_text("int two(void) { return 2; }\n")
+    (tmp_path / "main.c").write_text("int two(void);\nint main(void) { return two() - 2; }\n")
+    os.mkdir(tmp_path / "extra")
+    gcc("-shared", "-fPIC", "-Wl,-soname,libtwo.so.2", "-o", "extra/libtwo.so.2", "two.c", cwd=tmp_path)
+    gcc("-o", "main", "main.c", "extra/libtwo.so.2", cwd=tmp_path)
+    assert readelf_dynamic(str(tmp_path / "main"))[2:] == ([], [])  # no path of its own
+    assert closure.resolve(str(tmp_path / "main"), "/usr/bin/main").missing == [("main", "libtwo.so.2")]
+    result = closure.resolve(str(tmp_path / "main"), "/usr/bin/main", conf_dirs=[str(tmp_path / "extra")])
+    assert result.missing == []
+    assert result.members[f"{tmp_path}/extra/libtwo.so.2"].link is None
+    alias = result.members["/lib/x86_64-linux-gnu/libtwo.so.2"]
+    assert alias.link == f"{tmp_path}/extra/libtwo.so.2" and alias.host == ""
+    assert str(tmp_path / "extra" / "libtwo.so.2") in result.host_files()
+    assert all(os.path.lexists(path) for path in result.host_files())
+    # The host's loader, told about the directory, runs it: the library is the one it needs.
+    assert subprocess.run([str(tmp_path / "main")], env={"LD_LIBRARY_PATH": str(tmp_path / "extra")}).returncode == 0

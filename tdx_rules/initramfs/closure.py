@@ -26,7 +26,10 @@ library goes into the image at the path the loader will look for: the directory 
 was found (or, for ``$ORIGIN``, the same place relative to its requester in the image), with
 each symlink on the way kept as a symlink (``/lib64/ld-linux-x86-64.so.2`` ->
 ``/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2``, ``libstdc++.so.6`` -> ``libstdc++.so.6.0.30``).
-Nothing is executed: neither ``ldd`` nor the loader.
+The image has no ``ld.so.cache``: a library found through ``ld.so.conf`` in a directory the
+loader does not search by default (``/usr/local/lib``) also gets a symlink of the name asked
+for in the first default directory, pointing at where it lies. Nothing is executed: neither
+``ldd`` nor the loader.
 """
 
 import dataclasses
@@ -71,7 +74,8 @@ HOST = Tree("/")
 
 @dataclasses.dataclass(frozen=True)
 class Member:
-    """One entry the closure puts into the image: a file read from ``host`` or a symlink."""
+    """One entry the closure puts into the image: a file read from ``host`` or a symlink (``host``
+    empty for a link of our own, that no file on the host stands for)."""
 
     guest: str
     tree: Tree
@@ -100,7 +104,7 @@ class Closure:
 
     def host_files(self) -> List[str]:
         """Every host path the closure reads (symlinks and files), sorted: its dependencies."""
-        return sorted({m.host for m in self.members.values() if m.tree.is_host})
+        return sorted({m.host for m in self.members.values() if m.tree.is_host and m.host})
 
     def entries(self) -> List[newc.Entry]:
         """The closure as archive entries (unsorted; :func:`newc.merge` sorts and adds parents)."""
@@ -169,6 +173,7 @@ class _Dir:
     guest: str
     host: Optional[str] = None   # set for $ORIGIN directories: the requester's real neighbourhood
     tree: Optional[Tree] = None
+    cached: bool = False         # an ld.so.conf directory outside the default ones
 
 
 def _expand(obj: Object, entries) -> List[_Dir]:
@@ -248,7 +253,10 @@ def resolve(program: str, program_guest: str, trees=(HOST,), conf_dirs=(), defau
     loaded, missing = [], []
     label = os.path.basename(program)
 
-    def admit(links, member, info, parent, name, enqueue=True):
+    def admit(links, member, info, parent, name, enqueue=True, found_in=None):
+        if found_in is not None and found_in.cached:  # the image's loader would not look there
+            alias = os.path.join(default_dirs[0], name)
+            members.setdefault(alias, Member(alias, found_in.tree or HOST, "", link=os.path.join(found_in.guest, name)))
         for link in links:
             members.setdefault(link.guest, link)
         if member.guest in by_guest:
@@ -290,7 +298,7 @@ def resolve(program: str, program_guest: str, trees=(HOST,), conf_dirs=(), defau
                 if (requester, name) not in missing:
                     missing.append((requester, name))
                 continue
-            target = admit(*hit, obj, name)
+            target = admit(*hit[:3], obj, name, found_in=hit[3])
             loaded.append((obj.guest, name, target.guest))
     return Closure(exe, interpreter, members, loaded, missing)
 
@@ -300,10 +308,11 @@ def _lookup(requester: Object, name: str, trees, conf_dirs, default_dirs):
         if not name.startswith("/"):
             return None
         guest = os.path.normpath(name)
-        return next(filter(None, (_candidate(t, t.host_path(guest), guest) for t in trees)), None)
+        hit = next(filter(None, (_candidate(t, t.host_path(guest), guest) for t in trees)), None)
+        return hit + (None,) if hit else None
     dirs = _search_dirs(requester)
     if not requester.info.nodeflib:
-        dirs += [_Dir(d) for d in list(conf_dirs) + list(default_dirs)]
+        dirs += [_Dir(d, cached=d not in default_dirs) for d in conf_dirs] + [_Dir(d) for d in default_dirs]
     for index, tree in enumerate(trees):
         for directory in dirs:
             if directory.host is not None:
@@ -315,8 +324,9 @@ def _lookup(requester: Object, name: str, trees, conf_dirs, default_dirs):
             else:
                 guest = os.path.join(directory.guest, name)
                 hit = _candidate(tree, tree.host_path(guest), guest)
+                directory = dataclasses.replace(directory, tree=tree)
             if hit is not None:
-                return hit
+                return hit + (directory,)
     return None
 
 
