@@ -110,7 +110,7 @@ def test_elf_reader_agrees_with_readelf_on_python3_and_every_library_it_loads():
 
 
 def test_closure_of_host_programs_is_what_readelf_says_they_need_transitively_and_ldd_finds():
-    for program in ("/usr/bin/python3", "/usr/bin/ssh", "/usr/bin/gpg"):
+    for program in ("/usr/bin/python3", "/usr/bin/gpg", "/usr/bin/qemu-system-x86_64"):
         result = closure.resolve(program, program, conf_dirs=closure.ld_so_conf_dirs())
         assert result.missing == [], program
         # readelf: the names needed, followed from each resolved file's own NEEDED list.
