@@ -234,7 +234,7 @@ def _remote_cache_push():
     return os.environ.get("TDX_RULES_REMOTE_CACHE_PUSH", "")
 
 
-_ALL_BUILDERS = ("TdxImage", "TdxStaticProgram", "TdxExt4Rootfs", "TdxPack")
+_ALL_BUILDERS = ("TdxImage", "TdxStaticProgram", "TdxProgram", "TdxExt4Rootfs", "TdxPack")
 
 
 VARIABLES = (
@@ -242,8 +242,9 @@ VARIABLES = (
              "C compiler for C sources; it must link statically."),
     Variable("TDX_CFLAGS", lambda: "-Os", "`-Os`", ("TdxStaticProgram",), "Flags for TDX_CC."),
     Variable("TDX_CACHE", default_cache_dir, "`$TDX_RULES_CACHE`, else `~/.cache/tdx-rules`",
-             ("TdxImage", "TdxExt4Rootfs"), "Download and artifact cache shared by every project on the machine."),
-    Variable("TDX_MIRROR", _mirror, "`$TDX_RULES_MIRROR`, else none", ("TdxImage",),
+             ("TdxImage", "TdxProgram", "TdxExt4Rootfs"),
+             "Download and artifact cache shared by every project on the machine."),
+    Variable("TDX_MIRROR", _mirror, "`$TDX_RULES_MIRROR`, else none", ("TdxImage", "TdxProgram"),
              "Base URL of a mirror tried before the upstream download addresses."),
     Variable("TDX_KEYRING", _keyring, "`$TDX_RULES_KEYRING`, else none", ("TdxImage",),
              "Extra trusted public key files (armored or binary, colon-separated) for the signatures of the "

@@ -35,7 +35,8 @@ BUILDERS = (
         "filesystem), built stage by stage, with the measurements a verifier must expect.",
         "env.TdxImage('hello', binary=app, memory='4G', cmdline='console=ttyS0')",
         {"name": "Image name: the output directory, the file prefix and the alias.",
-         "binary": "The workload: a node of TdxStaticProgram or a static executable file.",
+         "binary": "The workload: a node of TdxStaticProgram or a static executable file, or a node of "
+                   "TdxProgram (a dynamically linked program, whose loader and libraries join the initramfs).",
          "rootfs": "A node of TdxExt4Rootfs: attached as a virtio disk; the init mounts it and runs its agent. "
                    "Built with `verity=True`, its hash tree is a second disk and its root hash, salt and block "
                    "count are one `tdx.verity=` word of the measured command line: the init opens it through "
@@ -49,7 +50,7 @@ BUILDERS = (
          "`<name>-run-qemu.sh`: a self-extracting runner (when `bundle_runner`)",
          "`<name>-manifest.json`: inputs, settings, outputs with SHA-256, measurements and every event",
          "aliases `<name>` and `<name>-<stage>` (minirootfs, busybox, kernel, modules, init, cpio, ovmf, "
-         "measure, finalize)"),
+         "measure, finalize; closure for a TdxProgram)"),
         image_settings=True),
     BuilderDoc(
         "TdxStaticProgram", "tdx_static_program",
@@ -67,7 +68,26 @@ BUILDERS = (
                    "`.tdx-go/<target>/` beside the target; files read through `//go:embed` need "
                    "`env.Depends`), or one prebuilt executable.",
          "bin": "Rust only: the binary of the crate to build (default: the target's file name)."},
-        ("the static executable at `target` (a dynamic binary is refused)",)),
+        ("the static executable at `target` (a dynamic binary is refused: use TdxProgram)",)),
+    BuilderDoc(
+        "TdxProgram", "tdx_program",
+        "A dynamically linked x86-64 program (glibc) with its shared-library closure: the loader of its "
+        "PT_INTERP and every library its DT_NEEDED entries reach, found from the ELF files (DT_RPATH, "
+        "DT_RUNPATH with $ORIGIN, /etc/ld.so.conf, the loader's default directories; never by running "
+        "ldd or the loader), in the packages of `libs` first, then on the host.",
+        "env.TdxProgram('app', env.Program('app.c'), libs=['apt:libssl3'])",
+        {"target": "Output file: the program's copy; its name gives the guest path `/usr/bin/<name>`.",
+         "binary": "The dynamically linked executable: a file or a node (e.g. of `env.Program`).",
+         "libs": "Source specs of Debian packages (`apt:PACKAGE[=VERSION]`, or a `.deb` by `file:` or "
+                 "`https:`) whose contents are searched before the host's library directories."},
+        ("the program at `target` (refused unless a dynamically linked x86-64 executable)",
+         "`<target>.closure.frag`: the loader at its PT_INTERP path (e.g. `/lib64/ld-linux-x86-64.so.2`, a "
+         "symlink kept as one), each library under the directory it was found in (for `$ORIGIN`, the same "
+         "place relative to `/usr/bin`), owner 0:0, sorted; musl's loader of the base lives apart "
+         "(`/lib/ld-musl-x86_64.so.1`)",
+         "`<target>.closure.json`: each library's image path, SHA-256, size and origin (host path, or "
+         "package, version and member); the image manifest lists it under `libraries`",
+         "a missing library stops the build with one line naming it, the file that needs it and the fix")),
     BuilderDoc(
         "TdxExt4Rootfs", "tdx_ext4_rootfs",
         "A reproducible ext4 root filesystem from a container image, with an agent injected, without root "

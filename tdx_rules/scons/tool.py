@@ -1,4 +1,4 @@
-"""SCons glue: ``TdxStaticProgram``, the ``TdxImage`` rule, aliases and progress lines.
+"""SCons glue: ``TdxStaticProgram``, ``TdxProgram``, the ``TdxImage`` rule, aliases and progress lines.
 
 Every stage runs as a command action ``python -m tdx_rules.stages.X`` whose
 signature is its command line (without the interpreter path), its config
@@ -20,6 +20,7 @@ import sys
 import SCons.Action
 import SCons.Builder
 import SCons.Errors
+import SCons.Scanner
 import SCons.Script
 
 from .. import settings as settings_table
@@ -80,18 +81,20 @@ def _verbose(env) -> bool:
     return str(value).lower() in _TRUE
 
 
-def _stage(env, stage: str, label: str, targets, sources_, command: str, inherit=()):
+def _stage(env, stage: str, label: str, targets, sources_, command: str, inherit=(), scanner=None):
     """Declare one stage: a command action, its code as dependencies, its progress line.
 
     ``inherit``: variables of the user's environment the command needs (a toolchain found
     through PATH and HOME, as cargo is); they do not enter the build signature.
+    ``scanner``: a source scanner that finds further dependencies once the sources exist.
     """
     # cmdstr=None would silence the action: leave it out to print the command.
     action = _StageAction(command, **({} if _verbose(env) else {"cmdstr": f"[tdx] {stage} {label}"}))
     stage_env = dict(env["ENV"], PYTHONPATH=os.pathsep.join(
         p for p in (os.path.dirname(PACKAGE_DIR), env["ENV"].get("PYTHONPATH")) if p))
     stage_env.update({name: os.environ[name] for name in inherit if name in os.environ})
-    nodes = env.Command(targets, sources_, action, ENV=stage_env, IMPLICIT_COMMAND_DEPENDENCIES=0)
+    nodes = env.Command(targets, sources_, action, ENV=stage_env, IMPLICIT_COMMAND_DEPENDENCIES=0,
+                        **({"source_scanner": scanner} if scanner is not None else {}))
     for node in nodes:  # what the remote cache prints when it supplies the stage
         node.attributes.tdx_stage_line = f"[tdx] {stage} {label}"
     code = [os.path.join(PACKAGE_DIR, name) for name in _COMMON + STAGE_CODE[stage]]
@@ -220,6 +223,70 @@ def tdx_static_program(env, target, source=None, bin=None):
         deps = srcs[:1]
         command = f"{_python('program')} prebuilt --out $TARGET ${{SOURCES[0]}}"
     return _stage(env, "program", os.path.basename(target), [target], deps, command)
+
+
+def _closure_scanner(binary_path: str, program_path: str, conf_dirs):
+    """The host files the closure of ``binary_path`` reads, as dependencies of the closure stage:
+    found again on every run from the binary's ELF headers (a changed, added or moved host
+    library reruns the stage; packages of ``libs`` are followed by their specs)."""
+    from ..initramfs.closure import resolve
+
+    def scan(node, env, path):
+        if node.abspath != binary_path or not os.path.isfile(binary_path):
+            return []
+        try:
+            return [env.File(p) for p in resolve(binary_path, program_path, conf_dirs=conf_dirs).host_files()]
+        except TdxError:
+            return []  # the stage itself names what is wrong with the binary
+
+    return SCons.Scanner.Scanner(scan, name="TdxClosure")
+
+
+def tdx_program(env, target, binary=None, libs=None):
+    """A dynamically linked x86-64 program with its shared-library closure, for ``TdxImage(binary=...)``.
+
+    ``binary``: the program (a file or a node, e.g. of ``env.Program``); ``libs``: source specs of
+    packages searched before the host (``['apt:libssl3']``). The closure stage resolves the loader
+    and libraries from the ELF files; its fragment joins the initramfs.
+    """
+    from ..initramfs.closure import LD_SO_CONF, ld_so_conf_dirs
+
+    target = str(target)
+    where = f"TdxProgram('{target}')"
+    sources_ = env.Flatten([binary]) if binary is not None else []
+    if len(sources_) != 1:
+        raise SCons.Errors.UserError(f"{where}: binary= must name one dynamically linked executable "
+                                     f"(got {len(sources_)})")
+    if libs is None:
+        libs = []
+    if isinstance(libs, str) or not isinstance(libs, (list, tuple)) or not all(isinstance(x, str) for x in libs):
+        raise SCons.Errors.UserError(f"{where}: libs={libs!r} must be a list of source specs, e.g. ['apt:libssl3']")
+    specs, deps = [], []
+    for text in libs:
+        spec, spec_deps = _spec_inputs(env, text, f"{where} libs")
+        specs.append(spec)
+        deps += spec_deps
+    binary_node = env.File(sources_[0])
+    target_node = env.File(target)
+    name = target_node.name
+    if not re.match(r"^[A-Za-z0-9._+-]+$", name) or name.startswith("-"):
+        raise SCons.Errors.UserError(f"{where}: the name {name!r} becomes the guest path /usr/bin/{name}; use "
+                                     "letters, digits, '.', '_', '+', '-'")
+    program_path = "/usr/bin/" + name
+    program = _stage(env, "program", name, [target_node], [binary_node],
+                     f"{_python('program')} dynamic --out $TARGET ${{SOURCES[0]}}")
+    # ld.so.conf is read here, when the SConstruct is read: a changed list reruns the stage.
+    conf_dirs = ld_so_conf_dirs(LD_SO_CONF)
+    cfg = _config(env, target_node.dir, name + ".closure",
+                  {"program_path": program_path, "libs": specs, "conf_dirs": conf_dirs})
+    closure = _stage(env, "closure", name, [env.File(target_node.abspath + ".closure.frag"),
+                                            env.File(target_node.abspath + ".closure.json")],
+                     [cfg, binary_node] + deps,
+                     f"{_python('closure')} --config ${{SOURCES[0]}} --binary ${{SOURCES[1]}} --out ${{TARGETS[0]}} "
+                     f"--info ${{TARGETS[1]}} {_CACHE_ARGS}",
+                     scanner=_closure_scanner(binary_node.abspath, program_path, conf_dirs))
+    program[0].attributes.tdx_closure = tuple(closure)
+    return program
 
 
 def tdx_ext4_rootfs(env, target, source, agent=None, agent_path=AGENT_PATH, size="auto", verity=False):
@@ -434,7 +501,12 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
 
     rootfs_node = env.File(env.Flatten([rootfs])[0]) if rootfs is not None else None
     binary_node = env.File(env.Flatten([binary])[0]) if binary is not None else None
+    closure = getattr(binary_node.attributes, "tdx_closure", None) if binary_node is not None else None
     verity_nodes = None
+    if closure is not None and rootfs_node is not None:
+        raise SCons.Errors.UserError(f"{where}: binary {binary_node.name} is a TdxProgram, whose libraries go "
+                                     "into the initramfs, but with rootfs= the workload runs from the root "
+                                     "filesystem; put the program and its libraries into the container image")
     if rootfs_node is not None:
         if not hasattr(rootfs_node.attributes, "tdx_agent_path"):
             raise SCons.Errors.UserError(f"{where}: rootfs={str(rootfs_node)!r} is not a root filesystem of "
@@ -520,8 +592,12 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
         extra_nodes.append(helper)
     cfg = config("cpio", program_path=program_path, extra_files=extra, epoch=_source_date_epoch())
     program_args = f" --program ${{SOURCES[{4 + len(extra_nodes)}]}}" if binary_node is not None else ""
+    if closure is not None:
+        program_args += f" --closure ${{SOURCES[{5 + len(extra_nodes)}]}}"
+        stage_targets["closure"] = list(closure)
     cpio = _stage(env, "cpio", name, [work.File(f"{name}-initramfs.cpio")],
-                  [cfg, base[0], modules[0], init[0]] + extra_nodes + ([binary_node] if binary_node else []),
+                  [cfg, base[0], modules[0], init[0]] + extra_nodes + ([binary_node] if binary_node else [])
+                  + ([closure[0]] if closure is not None else []),
                   f"{_python('cpio')} --config ${{SOURCES[0]}} --fragment ${{SOURCES[1]}} "
                   f"--fragment ${{SOURCES[2]}} --fragment ${{SOURCES[3]}}{program_args} --out $TARGET")
     stage_targets["cpio"] = cpio
@@ -602,6 +678,7 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
     manifest_sources, manifest_args = [cfg], []
     for template, node in ([("--info {}", info) for info in (minirootfs[1], kernel[1], modules[1], ovmf[1])]
                            + [("--compression {}", initrd[2])]
+                           + [("--closure {}", closure[1]) for _ in [closure] if closure is not None]
                            + [("--file program={}", node) for node in [binary_node] if node is not None]
                            + [("--file rootfs={}", node) for node in [rootfs_node] if node is not None]
                            + [(option, node) for option, node in zip(("--verity-hash {}", "--roothash {}"),
@@ -709,8 +786,8 @@ def generate(env):
     # Content decisions as SCons makes them, without re-hashing unchanged files every run.
     env.Decider(statcache.decider)
     env.Append(BUILDERS={"_TdxConfig": _CONFIG})
-    for method, name in ((tdx_static_program, "TdxStaticProgram"), (tdx_image, "TdxImage"),
-                         (tdx_ext4_rootfs, "TdxExt4Rootfs"), (tdx_pack, "TdxPack"),
+    for method, name in ((tdx_static_program, "TdxStaticProgram"), (tdx_program, "TdxProgram"),
+                         (tdx_image, "TdxImage"), (tdx_ext4_rootfs, "TdxExt4Rootfs"), (tdx_pack, "TdxPack"),
                          (tdx_remote_cache, "TdxRemoteCache")):
         env.AddMethod(_reported_at_the_callers_line(method), name)
 

@@ -6,11 +6,13 @@ from ..upstream.sources import Context, Resolved
 from ._entry import remote_arguments
 
 
-def fetching_stage_arguments(prog: str, argv, extra_outputs=()):
+def fetching_stage_arguments(prog: str, argv, extra_outputs=(), extra_inputs=()):
     """The arguments every fetching stage takes: its config, output, info record, cache and mirror
-    (and the options of ``extra_outputs``, each a further required output file)."""
+    (and the options of ``extra_outputs`` and ``extra_inputs``, each a further required file)."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--config", required=True)
+    for option in extra_inputs:
+        parser.add_argument(option, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--info", required=True)
     for option in extra_outputs:

@@ -5,6 +5,9 @@ build path of this machine appears in it. ``launch`` states what the launch scri
 of the TD (QEMU generation, TD attributes, where XFAM comes from), for the verifier.
 ``initramfs`` states how the initramfs was compressed: its file, the format, the level,
 the block size and the deflate library that made the bytes (RTMR[2] depends on it).
+``libraries`` (a dynamically linked workload): the loader and every shared library in the
+initramfs, each with its image path, SHA-256, size and origin (host path, or package, version
+and member), and each symlink with its target; the packages they came from are inputs.
 """
 
 import argparse
@@ -51,10 +54,11 @@ def rootfs_record(image: str, hash_path: str, roothash_path: str) -> dict:
 
 
 def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=(), extra_files=(),
-                   verity_files=None, compression=None) -> None:
+                   verity_files=None, compression=None, closure=None) -> None:
     """``extra_files``: host paths in the order of the config's ``extra_files`` guest paths;
     ``verity_files``: (hash tree, root hash) of a verified root filesystem (the ``rootfs`` file);
-    ``compression``: the compress stage's JSON on how the initramfs was compressed."""
+    ``compression``: the compress stage's JSON on how the initramfs was compressed;
+    ``closure``: the closure stage's JSON of a dynamically linked workload."""
     inputs = {}
     for info_path in infos:
         stage = os.path.basename(info_path).split(".")[0]
@@ -76,6 +80,12 @@ def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=()
     if compression:
         with open(compression, encoding="utf-8") as handle:
             manifest["initramfs"] = json.load(handle)
+    if closure:
+        with open(closure, encoding="utf-8") as handle:
+            record = json.load(handle)
+        if record["inputs"]:
+            inputs["libraries"] = record["inputs"]
+        manifest["libraries"] = {"interpreter": record["interpreter"], "files": record["libraries"]}
     if config.get("lock_sha256"):
         manifest["lock"] = {"file": "tdx.lock", "sha256": config["lock_sha256"]}
     if verity_files:
@@ -100,12 +110,13 @@ def main(argv):
     parser.add_argument("--verity-hash", help="the root filesystem's dm-verity hash tree")
     parser.add_argument("--roothash", help="its root hash file")
     parser.add_argument("--compression", help="the compress stage's JSON: how the initramfs was compressed")
+    parser.add_argument("--closure", help="the closure stage's JSON: the workload's shared libraries")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     files = [tuple(item.split("=", 1)) for item in args.file]
     build_manifest(load_config(args.config), args.info, files, args.output, args.out, args.measurement,
                    args.extra_file, (args.verity_hash, args.roothash) if args.verity_hash else None,
-                   args.compression)
+                   args.compression, args.closure)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ paths and build IDs out of the binary; a Rust crate is built with cargo for
 a Go module (its go.mod) is built with ``CGO_ENABLED=0``, ``-trimpath``, ``-buildvcs=false`` and an
 empty build ID, offline (``GOPROXY=off``, ``-mod=vendor`` when it has a vendor/ directory), with
 its build cache and GOPATH beside the output; a prebuilt binary is only checked. Every result
-must be a static x86-64 ELF.
+must be a static x86-64 ELF, except for ``dynamic``: a prebuilt dynamically linked one, whose
+libraries the closure stage packs.
 """
 
 import argparse
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 
-from ..elf import check_static_x86_64
+from ..elf import check_dynamic_x86_64, check_static_x86_64
 from ..errors import TdxError
 from ..fsutil import copy_file
 from ._entry import run
@@ -172,9 +173,14 @@ def check_prebuilt(path: str, out: str) -> None:
     copy_file(path, out, mode=0o755)
 
 
+def check_dynamic(path: str, out: str) -> None:
+    check_dynamic_x86_64(path, "binary")
+    copy_file(path, out, mode=0o755)
+
+
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m tdx_rules.stages.program")
-    parser.add_argument("kind", choices=("c", "rust", "go", "prebuilt"))
+    parser.add_argument("kind", choices=("c", "rust", "go", "prebuilt", "dynamic"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--cc", default="musl-gcc")
     parser.add_argument("--cflags", default="")
@@ -188,6 +194,8 @@ def main(argv):
         build_rust(args.sources[0], args.bin or os.path.basename(args.out), args.out, args.target)
     elif args.kind == "go":
         build_go(args.sources[0], args.out)
+    elif args.kind == "dynamic":
+        check_dynamic(args.sources[0], args.out)
     else:
         check_prebuilt(args.sources[0], args.out)
 
