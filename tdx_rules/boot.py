@@ -16,7 +16,7 @@ from .errors import TdxError
 
 
 def boot_image(script: str, *, until: str = None, timeout: float = 300, accel: str = "tcg", memory: str = "1G",
-               cmdline: str = None, env: dict = None, qemu_args=("-no-reboot", "-snapshot")) -> str:
+               cmdline: str = None, env: dict = None, qemu_args=("-no-reboot", "-snapshot"), then=None) -> str:
     """Run ``script`` with ``TDX=0`` and return everything the guest printed on its console.
 
     ``qemu_args`` are appended to the QEMU command line (by default: exit instead of rebooting,
@@ -53,6 +53,19 @@ def boot_image(script: str, *, until: str = None, timeout: float = 300, accel: s
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     finished = done.wait(timeout)
+    try:
+        if finished and then is not None and proc.poll() is None:
+            then(b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n"))
+    finally:
+        _stop(proc)
+    thread.join(5)
+    output = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    if not finished:
+        raise TdxError(f"the guest did not finish within {timeout:.0f} s; its console so far:\n{output[-3000:]}")
+    return output
+
+
+def _stop(proc) -> None:
     if proc.poll() is None:
         # The whole group: the runner's QEMU is a child of its shell, which cleans up on SIGTERM.
         os.killpg(proc.pid, signal.SIGTERM)
@@ -61,8 +74,3 @@ def boot_image(script: str, *, until: str = None, timeout: float = 300, accel: s
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    thread.join(5)
-    output = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
-    if not finished:
-        raise TdxError(f"the guest did not finish within {timeout:.0f} s; its console so far:\n{output[-3000:]}")
-    return output

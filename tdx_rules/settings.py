@@ -178,9 +178,18 @@ SETTINGS = (
     Setting("env_vars", None, {}, ("init",), _mapping,
             "Environment variables exported before the workload starts."),
     Setting("ssh_keys", None, [], ("init",), _ssh_keys,
-            "Public keys written to /root/.ssh/authorized_keys (one line each)."),
-    Setting("ssh_forward", None, [2222, 22], ("scripts",), _port_pair,
-            "(host port, guest port) forwarded by the launch scripts."),
+            "Public keys written to /root/.ssh/authorized_keys (one line each). With keys, an initramfs "
+            "image carries the SSH server of `ssh_server` and starts it once the network is up."),
+    Setting("ssh_forward", None, [2222, 22], ("scripts", "init"), _port_pair,
+            "(host port, guest port) forwarded by the launch scripts; the SSH server listens on the guest port."),
+    Setting("ssh_server", "TDX_IMAGE_SSH_SERVER", "apt:dropbear-bin", ("ssh",), _text,
+            "Package spec of the SSH server of images with `ssh_keys`: a Debian package holding "
+            "`/usr/sbin/dropbear` and `/usr/bin/dropbearkey`."),
+    Setting("ssh_libs", None, ["apt:libc6", "apt:libcrypt1", "apt:libgmp10", "apt:libtomcrypt1", "apt:libtommath1",
+                                   "apt:zlib1g"],
+            ("ssh",), _string_list,
+            "Packages that hold the SSH server's loader and libraries, resolved from its ELF files as "
+            "`TdxProgram`'s but never from the host."),
     Setting("cpus", None, 4, ("scripts",), _count, "Virtual CPUs in the launch scripts."),
     Setting("memory", None, "4G", ("scripts", "rtmr1"), _memory,
             "Guest memory in the launch scripts (`4G`, `512M`); RTMR[1] depends on it."),

@@ -38,7 +38,8 @@ def stages_run(result) -> set:
 @pytest.fixture(scope="session")
 def small_kernel(tmp_path_factory):
     """The Debian 6.12 kernel plus a modules tree holding only the TDX-related directories and
-    those a root filesystem disk needs (virtio block, ext4, device-mapper, overlayfs, crc32c)."""
+    those a root filesystem disk needs (virtio block, ext4, device-mapper, overlayfs, crc32c) and
+    the virtio network driver."""
     tree = debian.kernel_tree()
     release = debian.kernel_release()
     out = tmp_path_factory.mktemp("kernel")
@@ -48,8 +49,11 @@ def small_kernel(tmp_path_factory):
                 "kernel/drivers/block", "kernel/drivers/md", "kernel/fs/ext4", "kernel/fs/jbd2", "kernel/fs/overlayfs",
                 "kernel/crypto", "kernel/lib"):
         shutil.copytree(os.path.join(src, sub), os.path.join(dst, sub))
-    for name in ("kernel/fs/mbcache.ko.xz",):
+    # virtio_net and what it needs: the network of images with an SSH server.
+    for name in ("kernel/fs/mbcache.ko.xz", "kernel/drivers/net/virtio_net.ko.xz",
+                 "kernel/drivers/net/net_failover.ko.xz", "kernel/net/core/failover.ko.xz"):
         if os.path.exists(os.path.join(src, name)):
+            os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
     for name in ("modules.builtin", "modules.order"):
         if os.path.exists(os.path.join(src, name)):

@@ -76,4 +76,6 @@ def test_each_stage_reads_only_its_settings():
     assert set(settings.for_stage(values, "mrtd")) == {"qemu_version"}
     assert set(settings.for_stage(values, "rtmr1")) == {"qemu_version", "memory"}
     assert set(settings.for_stage(values, "rtmr2")) == {"qemu_version", "cmdline"}
-    assert set(settings.for_stage(values, "init")) == {"args", "env_vars", "ssh_keys"}
+    # The SSH server listens on the guest port of ssh_forward.
+    assert set(settings.for_stage(values, "init")) == {"args", "env_vars", "ssh_keys", "ssh_forward"}
+    assert set(settings.for_stage(values, "ssh")) == {"ssh_server", "ssh_libs"}

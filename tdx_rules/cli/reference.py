@@ -50,7 +50,7 @@ BUILDERS = (
          "`<name>-run-qemu.sh`: a self-extracting runner (when `bundle_runner`)",
          "`<name>-manifest.json`: inputs, settings, outputs with SHA-256, measurements and every event",
          "aliases `<name>` and `<name>-<stage>` (minirootfs, busybox, kernel, modules, init, cpio, ovmf, "
-         "measure, finalize; closure for a TdxProgram)"),
+         "measure, finalize; closure for a TdxProgram; ssh for an image with `ssh_keys`)"),
         image_settings=True),
     BuilderDoc(
         "TdxStaticProgram", "tdx_static_program",

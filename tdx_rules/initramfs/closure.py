@@ -330,8 +330,12 @@ def _lookup(requester: Object, name: str, trees, conf_dirs, default_dirs):
     return None
 
 
+def missing_list(missing) -> str:
+    """``name (needed by who), ...`` of the (requester, name) pairs nothing provides."""
+    return ", ".join(f"{name} (needed by {who})" for who, name in missing)
+
+
 def missing_line(what: str, missing) -> str:
     """One line naming each missing library, who needs it, and the two ways to provide it."""
-    listed = ", ".join(f"{name} (needed by {who})" for who, name in missing)
-    return (f"{what}: shared libraries not found: {listed}; install them on the host (apt-get install the "
-            f"package that holds them) or name that package in TdxProgram(..., libs=['apt:PACKAGE'])")
+    return (f"{what}: shared libraries not found: {missing_list(missing)}; install them on the host (apt-get "
+            f"install the package that holds them) or name that package in TdxProgram(..., libs=['apt:PACKAGE'])")

@@ -10,6 +10,7 @@ whole.
 """
 
 import dataclasses
+import hashlib
 import os
 import stat
 from typing import BinaryIO, Iterable, Iterator, List, Optional
@@ -172,6 +173,30 @@ def read_body(entry: Entry) -> bytes:
     with open(entry.path, "rb") as inp:
         inp.seek(entry.offset)
         return inp.read(entry.size)
+
+
+def body_digest(entry: Entry) -> bytes:
+    """SHA-256 of an entry's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    if entry.data is not None:
+        digest.update(entry.data)
+    elif entry.size:
+        with open(entry.path, "rb") as inp:
+            inp.seek(entry.offset)
+            left = entry.size
+            while left:
+                chunk = inp.read(min(CHUNK, left))
+                if not chunk:
+                    raise TdxError(f"{entry.path} is shorter than its member {entry.name!r} says: rebuild it")
+                digest.update(chunk)
+                left -= len(chunk)
+    return digest.digest()
+
+
+def same_member(a: Entry, b: Entry) -> bool:
+    """Whether two entries put the same thing at their path: type, mode, device and bytes."""
+    return ((a.mode, a.size, a.rdevmajor, a.rdevminor) == (b.mode, b.size, b.rdevmajor, b.rdevminor)
+            and (a.is_dir or body_digest(a) == body_digest(b)))
 
 
 def merge(layers: Iterable[Iterable[Entry]]) -> List[Entry]:

@@ -17,6 +17,7 @@ _MEASURING = ("stages/measure.py", "measure/profiles.py", "measure/rtmr.py", "me
 STAGE_CODE = {
     "program": ("stages/program.py", "elf.py"),
     "closure": ("stages/closure.py", "initramfs/closure.py", "initramfs/newc.py", "elf.py") + _FETCHING,
+    "ssh": ("stages/ssh.py", "stages/closure.py", "initramfs/closure.py", "initramfs/newc.py", "elf.py") + _FETCHING,
     "minirootfs": ("stages/minirootfs.py",) + _FETCHING,
     "busybox": ("stages/busybox.py", "initramfs/newc.py"),
     "kernel": ("stages/kernel.py",) + _FETCHING,

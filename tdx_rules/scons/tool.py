@@ -44,6 +44,10 @@ ROOTFS_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
 # for a writable layer on top.
 VERITY_HASH_DEVICE = "/dev/vdb"
 VERITY_MODULES = ("dm_mod", "dm_verity", "overlay")
+# An image with an SSH server needs the network: the virtio NIC's driver, loaded when the kernel
+# has it (a kernel without it is warned about, as the TDX modules are).
+NETWORK_MODULES = ("virtio_net",)
+SSH_PORT = 22  # where the server listens when ssh_forward is off
 
 
 class _StageAction(SCons.Action.CommandAction):
@@ -462,6 +466,28 @@ def _write_lock(target, source, env):
     return 0
 
 
+def _ssh_stage(env, name: str, work, config, values, where: str):
+    """The ssh stage of image ``name``: dropbear and its libraries from the packages of
+    ``ssh_server`` and ``ssh_libs``, each pinned by the lock like every fetched input."""
+    specs, deps = [], []
+    for option, text in [("ssh_server", values["ssh_server"])] + [("ssh_libs", t) for t in values["ssh_libs"]]:
+        spec, spec_deps = _spec_inputs(env, text, f"{where} {option}")
+        specs.append(spec)
+        deps += spec_deps
+    locked = [_locking(env, spec, where).get("lock") for spec in specs]
+    lock = {}
+    if any(locked):
+        lock = {"lock": {"locked": next(filter(None, locked))["locked"],
+                         "files": [f for entry in locked if entry for f in entry["files"]]}}
+    cfg = config("ssh", ssh_server=specs[0], ssh_libs=specs[1:], **lock)
+    nodes = _stage(env, "ssh", name, [work.File("ssh.frag"), work.File("ssh.info.json")], [cfg] + deps,
+                   f"{_python('ssh')} --config ${{SOURCES[0]}} --out ${{TARGETS[0]}} --info ${{TARGETS[1]}} "
+                   f"{_CACHE_ARGS}")
+    for spec in specs:
+        _lock_source(env, spec, nodes)
+    return nodes
+
+
 def _verity_init() -> dict:
     """What the init needs to open a dm-verity root filesystem."""
     from ..rootfs.verity import GUEST_HELPER, KERNEL_PARAMETER
@@ -560,7 +586,10 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
             user_module_files.append(node)
             item = str(node)
         user_modules.append(item)
-    cfg = config("modules", kernel_modules=user_modules)
+    # An initramfs image with keys runs an SSH server (with rootfs=, the root filesystem brings its own).
+    with_server = bool(values["ssh_keys"]) and rootfs_node is None
+    cfg = config("modules", kernel_modules=user_modules,
+                 **({"network_modules": list(NETWORK_MODULES)} if with_server else {}))
     modules = _stage(env, "modules", name, [work.File("modules.frag"), work.File("modules.info.json")],
                      [cfg, kernel[1]] + user_module_files,
                      f"{_python('modules')} --config ${{SOURCES[0]}} --kernel-info ${{SOURCES[1]}} "
@@ -568,12 +597,21 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
     stage_targets["modules"] = modules
 
     # init
+    from ..stages.ssh import KEYGEN, SERVER
+
+    ssh_port = (values["ssh_forward"] or [None, SSH_PORT])[1]
     cfg = config("init", name=name, program=program_path,
                  rootfs_device=ROOTFS_DEVICE if rootfs_node is not None else None,
+                 **({"ssh_daemon": {"server": SERVER, "keygen": KEYGEN, "port": ssh_port}} if with_server else {}),
                  **({"verity": _verity_init()} if verity_nodes else {}))
     init = _stage(env, "init", name, [work.File("init.frag")], [cfg],
                   f"{_python('init')} --config ${{SOURCES[0]}} --out $TARGET")
     stage_targets["init"] = init
+
+    # ssh
+    ssh = _ssh_stage(env, name, work, config, values, where) if with_server else None
+    if ssh is not None:
+        stage_targets["ssh"] = ssh
 
     # cpio
     extra = {}
@@ -595,9 +633,12 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
     if closure is not None:
         program_args += f" --closure ${{SOURCES[{5 + len(extra_nodes)}]}}"
         stage_targets["closure"] = list(closure)
-    cpio = _stage(env, "cpio", name, [work.File(f"{name}-initramfs.cpio")],
-                  [cfg, base[0], modules[0], init[0]] + extra_nodes + ([binary_node] if binary_node else [])
-                  + ([closure[0]] if closure is not None else []),
+    cpio_sources = ([cfg, base[0], modules[0], init[0]] + extra_nodes + ([binary_node] if binary_node else [])
+                    + ([closure[0]] if closure is not None else []))
+    if ssh is not None:
+        program_args += f" --ssh ${{SOURCES[{len(cpio_sources)}]}}"
+        cpio_sources.append(ssh[0])
+    cpio = _stage(env, "cpio", name, [work.File(f"{name}-initramfs.cpio")], cpio_sources,
                   f"{_python('cpio')} --config ${{SOURCES[0]}} --fragment ${{SOURCES[1]}} "
                   f"--fragment ${{SOURCES[2]}} --fragment ${{SOURCES[3]}}{program_args} --out $TARGET")
     stage_targets["cpio"] = cpio
@@ -679,6 +720,7 @@ def tdx_image(env, name, binary=None, rootfs=None, output_dir=None, unmeasured_r
     for template, node in ([("--info {}", info) for info in (minirootfs[1], kernel[1], modules[1], ovmf[1])]
                            + [("--compression {}", initrd[2])]
                            + [("--closure {}", closure[1]) for _ in [closure] if closure is not None]
+                           + [("--ssh {}", ssh[1]) for _ in [ssh] if ssh is not None]
                            + [("--file program={}", node) for node in [binary_node] if node is not None]
                            + [("--file rootfs={}", node) for node in [rootfs_node] if node is not None]
                            + [(option, node) for option, node in zip(("--verity-hash {}", "--roothash {}"),

@@ -5,7 +5,8 @@
 CONFIG keys: ``name`` (image name), ``program`` (absolute guest path of the
 workload), ``args`` (list of strings, or null to pass the kernel command
 line's arguments through as ``"$@"``), ``env_vars`` ({name: value}),
-``ssh_keys`` (list of public key lines).
+``ssh_keys`` (list of public key lines), ``ssh_daemon`` (``{"server", "keygen", "port"}``: the
+SSH server the init starts once the network is up, or absent).
 
 The output is a newc fragment (see :mod:`tdx_rules.initramfs.newc`) holding ``init``,
 ``usr/share/udhcpc/default.script``, the mount points the init needs,
@@ -148,8 +149,15 @@ def build_entries(config: dict):
                                    and re.match(r"^/[a-z/-]+$", str(verity["helper"]))
                                    and re.match(r"^[a-z.]+$", str(verity["parameter"]))):
         raise TdxError(f"init config: verity {verity!r} is not what the TdxImage rule writes; regenerate the config")
+    ssh_daemon = config.get("ssh_daemon")
+    if ssh_daemon is not None and not (ssh_keys and isinstance(ssh_daemon, dict)
+                                       and set(ssh_daemon) == {"server", "keygen", "port"}
+                                       and all(str(ssh_daemon[k]).startswith("/") for k in ("server", "keygen"))
+                                       and isinstance(ssh_daemon["port"], int) and 0 < ssh_daemon["port"] < 65536):
+        raise TdxError(f"init config: ssh_daemon {ssh_daemon!r} is not what the TdxImage rule writes; "
+                       "regenerate the config")
     script = render("init.sh.j2", name=name, program=program, args=args, env_vars=env_vars,
-                    ssh_keys=bool(ssh_keys), rootfs_device=rootfs_device, verity=verity)
+                    ssh_keys=bool(ssh_keys), ssh_daemon=ssh_daemon, rootfs_device=rootfs_device, verity=verity)
     entries = [newc.directory(path, mode) for path, mode in _DIRECTORIES]
     entries.append(newc.Entry("dev/console", stat.S_IFCHR | 0o600, rdevmajor=5, rdevminor=1))
     entries.append(newc.blob("init", script.encode("utf-8"), 0o755))

@@ -54,11 +54,12 @@ def rootfs_record(image: str, hash_path: str, roothash_path: str) -> dict:
 
 
 def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=(), extra_files=(),
-                   verity_files=None, compression=None, closure=None) -> None:
+                   verity_files=None, compression=None, closure=None, ssh=None) -> None:
     """``extra_files``: host paths in the order of the config's ``extra_files`` guest paths;
     ``verity_files``: (hash tree, root hash) of a verified root filesystem (the ``rootfs`` file);
     ``compression``: the compress stage's JSON on how the initramfs was compressed;
-    ``closure``: the closure stage's JSON of a dynamically linked workload."""
+    ``closure``: the closure stage's JSON of a dynamically linked workload;
+    ``ssh``: the ssh stage's JSON of an image with an SSH server."""
     inputs = {}
     for info_path in infos:
         stage = os.path.basename(info_path).split(".")[0]
@@ -86,6 +87,11 @@ def build_manifest(config: dict, infos, files, outputs, out: str, transcripts=()
         if record["inputs"]:
             inputs["libraries"] = record["inputs"]
         manifest["libraries"] = {"interpreter": record["interpreter"], "files": record["libraries"]}
+    if ssh:
+        with open(ssh, encoding="utf-8") as handle:
+            record = json.load(handle)
+        inputs["ssh"] = record["inputs"]
+        manifest["ssh"] = {key: record[key] for key in ("server", "keygen", "interpreter", "files")}
     if config.get("lock_sha256"):
         manifest["lock"] = {"file": "tdx.lock", "sha256": config["lock_sha256"]}
     if verity_files:
@@ -111,12 +117,13 @@ def main(argv):
     parser.add_argument("--roothash", help="its root hash file")
     parser.add_argument("--compression", help="the compress stage's JSON: how the initramfs was compressed")
     parser.add_argument("--closure", help="the closure stage's JSON: the workload's shared libraries")
+    parser.add_argument("--ssh", help="the ssh stage's JSON: the SSH server's files")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     files = [tuple(item.split("=", 1)) for item in args.file]
     build_manifest(load_config(args.config), args.info, files, args.output, args.out, args.measurement,
                    args.extra_file, (args.verity_hash, args.roothash) if args.verity_hash else None,
-                   args.compression, args.closure)
+                   args.compression, args.closure, args.ssh)
 
 
 if __name__ == "__main__":

@@ -515,7 +515,10 @@ def main(argv) -> None:
                            "probably retrieved from a CacheDir without its download cache): restore the download "
                            "cache together with the CacheDir, or rebuild the kernel stage with "
                            "`scons --cache-disable <image>-kernel`")
-    bundle(root, release, TDX_MODULES, user, args.out, args.info)
+    network = config.get("network_modules") or []
+    if not isinstance(network, list) or not all(isinstance(item, str) for item in network):
+        raise TdxError(f"network_modules in {args.config} must be a list of module names; regenerate the config")
+    bundle(root, release, TDX_MODULES + network, user, args.out, args.info)
 
 
 if __name__ == "__main__":

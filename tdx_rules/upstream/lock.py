@@ -102,7 +102,10 @@ def write_or_check(path: str, infos: Dict[str, str], check: bool) -> Optional[st
     resolved = {}
     for spec, info_path in infos.items():
         with open(info_path, encoding="utf-8") as handle:
-            resolved[spec] = json.load(handle).get("inputs", [])
+            info = json.load(handle)
+        resolved[spec] = info.get("inputs", [])
+        if info.get("inputs_by_spec"):  # a stage of several specs (ssh): each spec takes its own records
+            resolved[spec] = [record for record in resolved[spec] if record.get("spec") == spec]
     previous = read_lock(path)
     lock = build_lock(resolved, previous)
     if check:
