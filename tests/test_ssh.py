@@ -179,12 +179,17 @@ def test_changed_key_does_not_rerun_the_ssh_stage_and_changed_libs_do(ssh_projec
     assert stages_run(scons(ssh_project)) == set()
 
 
-def test_missing_server_library_is_one_line_naming_ssh_libs(small_kernel, tmp_path, keys):
-    project = write_project(tmp_path / "p", fast_options(small_kernel) + ", ssh_libs=['apt:libc6']", FAST_SETUP)
+def failed_build(small_kernel, tmp_path, keys, options):
+    """(the project, scons's result, its ``scons: ***`` lines) of an image with keys and ``options``."""
+    project = write_project(tmp_path / "p", fast_options(small_kernel) + options, FAST_SETUP)
     with open(os.path.join(project, "opts.json"), "w") as handle:
         json.dump({"ssh_keys": [keys["good"][1]]}, handle)
     result = scons(project, check=False)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("scons: ***")]
+    return project, result, [line for line in result.stderr.splitlines() if line.startswith("scons: ***")]
+
+
+def test_missing_server_library_is_one_line_naming_ssh_libs(small_kernel, tmp_path, keys):
+    project, result, errors = failed_build(small_kernel, tmp_path, keys, ", ssh_libs=['apt:libc6']")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(errors) == 1 and "libtomcrypt.so.1 (needed by dropbear)" in errors[0], result.stderr
     assert "ssh_libs" in errors[0]
@@ -192,11 +197,7 @@ def test_missing_server_library_is_one_line_naming_ssh_libs(small_kernel, tmp_pa
 
 
 def test_a_package_without_dropbear_is_refused_in_one_line(small_kernel, tmp_path, keys):
-    project = write_project(tmp_path / "p", fast_options(small_kernel) + ", ssh_server='apt:libtommath1'", FAST_SETUP)
-    with open(os.path.join(project, "opts.json"), "w") as handle:
-        json.dump({"ssh_keys": [keys["good"][1]]}, handle)
-    result = scons(project, check=False)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("scons: ***")]
+    _, result, errors = failed_build(small_kernel, tmp_path, keys, ", ssh_server='apt:libtommath1'")
     assert len(errors) == 1 and "holds no /usr/sbin/dropbear" in errors[0] and "ssh_server" in errors[0], result.stderr
 
 

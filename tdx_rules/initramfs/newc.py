@@ -99,15 +99,21 @@ def _copy_body(entry: Entry, out: BinaryIO) -> None:
             if copy_from is not None and copy_from(inp, entry.offset, entry.size):
                 out.write(b"\0" * (-entry.size % 4))
                 return
-            inp.seek(entry.offset)
-            left = entry.size
-            while left:
-                chunk = inp.read(min(CHUNK, left))
-                if not chunk:
-                    raise TdxError(f"{entry.path} shrank while it was being archived: rebuild")
+            for chunk in _chunks(inp, entry):
                 out.write(chunk)
-                left -= len(chunk)
     out.write(b"\0" * (-entry.size % 4))
+
+
+def _chunks(inp: BinaryIO, entry: Entry) -> Iterator[bytes]:
+    """The bytes of the on-disk ``entry`` from the open file ``inp``, in chunks."""
+    inp.seek(entry.offset)
+    left = entry.size
+    while left:
+        chunk = inp.read(min(CHUNK, left))
+        if not chunk:
+            raise TdxError(f"{entry.path} shrank while it was being read (member {entry.name!r}): rebuild")
+        yield chunk
+        left -= len(chunk)
 
 
 def _write_entries(out: BinaryIO, entries: Iterable[Entry], mtime: int, number: bool) -> None:
@@ -182,14 +188,8 @@ def body_digest(entry: Entry) -> bytes:
         digest.update(entry.data)
     elif entry.size:
         with open(entry.path, "rb") as inp:
-            inp.seek(entry.offset)
-            left = entry.size
-            while left:
-                chunk = inp.read(min(CHUNK, left))
-                if not chunk:
-                    raise TdxError(f"{entry.path} is shorter than its member {entry.name!r} says: rebuild it")
+            for chunk in _chunks(inp, entry):
                 digest.update(chunk)
-                left -= len(chunk)
     return digest.digest()
 
 
